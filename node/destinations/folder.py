@@ -1,0 +1,53 @@
+"""Folder destination: a tree of Part 10 files laid out by a template of DICOM keywords."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from pydicom.dataset import Dataset
+
+from node.config import FolderDestination
+from node.fsutil import link_or_copy_durably, makedirs_durably
+
+PLACEHOLDER = "UNKNOWN"
+MAX_COMPONENT = 128
+_FIELD = re.compile(r"\{([^{}]+)\}")
+# Anything that could change the meaning of a path, or confuse a shell or a file browser.
+_UNSAFE = re.compile(r"[\x00-\x1f\x7f/\\:*?\"<>|]")
+
+
+class UnsafePathError(Exception):
+    """A layout produced a path outside the destination folder (should not happen)."""
+
+
+def safe_component(value: object) -> str:
+    """``value`` as one harmless path component: no separators, no ``..``, never empty."""
+    if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":
+        text = "_".join(str(v) for v in value)  # type: ignore[union-attr]
+    else:
+        text = "" if value is None else str(value)
+    text = _UNSAFE.sub("_", text).strip().strip(".")
+    text = text[:MAX_COMPONENT].strip()
+    return text or PLACEHOLDER
+
+
+def target_path(dest: FolderDestination, ds: Dataset) -> Path:
+    """Where ``ds`` goes below ``dest.path``; raises if it would leave the folder."""
+    relative = _FIELD.sub(lambda m: safe_component(ds.get(m.group(1))), dest.layout)
+    root = dest.path.resolve()
+    path = (root / relative).resolve()
+    if not path.is_relative_to(root) or path == root:
+        raise UnsafePathError(f"layout {dest.layout!r} gave {relative!r}, outside {root}")
+    return path
+
+
+def deliver(dest: FolderDestination, ds: Dataset, encoded: Path) -> Path:
+    """Put the encoded file for ``ds`` at its layout path, atomically and durably.
+
+    The same SOP Instance UID delivered again replaces its file (idempotent).
+    """
+    path = target_path(dest, ds)
+    makedirs_durably(path.parent)
+    link_or_copy_durably(encoded, path)
+    return path

@@ -1,0 +1,191 @@
+"""Feeds acknowledged instances from the spool to the worker processes.
+
+The receive handler calls :meth:`Pipeline.submit` after an instance is durable; a
+dispatcher thread keeps the worker pool busy and logs each outcome. Nothing here
+decodes pixels: that happens in :mod:`node.workers`, in other processes.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import queue
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
+
+from node.config import Config
+from node.spool import Spool
+from node.workers import Outcome, process_incoming
+
+log = logging.getLogger("dicom_node.pipeline")
+
+# An instance that kills its worker this many times is quarantined, not retried forever.
+MAX_CRASHES = 3
+
+
+class Pipeline:
+    """A pool of worker processes fed from ``incoming/`` in arrival order."""
+
+    def __init__(
+        self, config: Config, spool: Spool, on_outcome: Callable[[Outcome], None] | None = None
+    ) -> None:
+        self.config = config
+        self.spool = spool
+        self._on_outcome = on_outcome
+        self._queue: queue.Queue[Path | None] = queue.Queue()
+        self._slots = threading.Semaphore(2 * config.node.worker_count)
+        self._in_flight: dict[Future[Outcome], tuple[Path, ProcessPoolExecutor]] = {}
+        self._crashes: dict[Path, int] = {}
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._executor = self._new_executor()
+        self._thread = threading.Thread(target=self._dispatch, name="dispatcher", daemon=True)
+
+    def start(self) -> int:
+        """Start dispatching; queue what a previous run left in ``incoming/``."""
+        left_over = self.spool.list_incoming()
+        for path in left_over:
+            self._queue.put(path)
+        self._thread.start()
+        return len(left_over)
+
+    def submit(self, path: Path) -> None:
+        self._queue.put(path)
+
+    def reconfigure(self, config: Config) -> None:
+        """Route instances not yet handed to a worker with ``config``."""
+        self.config = config
+
+    def backlog(self) -> int:
+        with self._lock:
+            return self._queue.qsize() + len(self._in_flight)
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Block until nothing is queued or in flight (for tests and ``--once`` runs)."""
+        with self._idle:
+            return self._idle.wait_for(
+                lambda: self._queue.empty() and not self._in_flight, timeout=timeout
+            )
+
+    def stop(self, timeout: float = 60.0) -> None:
+        """Finish what the workers hold; leave the rest in the spool for the next start."""
+        self._drain_queue()
+        self._queue.put(None)
+        self._thread.join(timeout)
+        with self._idle:
+            self._idle.wait_for(lambda: not self._in_flight, timeout=timeout)
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+    # ----------------------------------------------------------------- internals
+
+    def _new_executor(self) -> ProcessPoolExecutor:
+        # spawn, not fork: the network process runs threads, and a forked child would
+        # inherit their locks in whatever state they were.
+        return ProcessPoolExecutor(
+            max_workers=self.config.node.worker_count,
+            mp_context=multiprocessing.get_context("spawn"),
+        )
+
+    def _drain_queue(self) -> None:
+        while True:
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                return
+
+    def _dispatch(self) -> None:
+        while True:
+            path = self._queue.get()
+            if path is None:
+                return
+            self._slots.acquire()
+            with self._lock:
+                try:
+                    future = self._executor.submit(process_incoming, self.config, str(path))
+                except BrokenProcessPool:
+                    self._executor = self._new_executor()
+                    future = self._executor.submit(process_incoming, self.config, str(path))
+                self._in_flight[future] = (path, self._executor)
+            future.add_done_callback(self._finished)
+
+    def _finished(self, future: Future[Outcome]) -> None:
+        with self._lock:
+            path, executor = self._in_flight.pop(future)
+        self._slots.release()
+        try:
+            outcome = future.result()
+        except BrokenProcessPool:
+            self._worker_died(path, executor)
+            outcome = None
+        except Exception as exc:  # a bug in our code: keep the file, say so, go on
+            log.exception("processing %s failed; it stays in the spool", path.name)
+            self._keep_after_error(path, f"processing failed: {type(exc).__name__}: {exc}")
+            outcome = None
+        if outcome is not None:
+            self._crashes.pop(path, None)
+            log_outcome(outcome)
+            if self._on_outcome:
+                self._on_outcome(outcome)
+        with self._idle:
+            if self._queue.empty() and not self._in_flight:
+                self._idle.notify_all()
+
+    def _worker_died(self, path: Path, executor: ProcessPoolExecutor) -> None:
+        crashes = self._crashes.get(path, 0) + 1
+        self._crashes[path] = crashes
+        if crashes >= MAX_CRASHES:
+            self._keep_after_error(path, f"a worker process died {crashes} times on it")
+            return
+        log.error("a worker died while processing %s (crash %d); retrying", path.name, crashes)
+        with self._lock:
+            # Every future of a broken pool fails; only the first replaces the pool.
+            if executor is self._executor:
+                executor.shutdown(wait=False, cancel_futures=False)
+                self._executor = self._new_executor()
+        self._queue.put(path)
+
+    def _keep_after_error(self, path: Path, reason: str) -> None:
+        try:
+            if path.exists():
+                self.spool.keep_aside(path, self.spool.quarantine, reason)
+                log.error("%s quarantined: %s", path.name, reason)
+        except OSError as exc:
+            log.error("could not quarantine %s (%s); it stays in incoming/", path.name, exc)
+
+
+def log_outcome(outcome: Outcome) -> None:
+    if outcome.status == "unrouted":
+        log.warning(
+            "%s kept in unrouted/: %s", outcome.sop_instance_uid or outcome.incoming, outcome.reason
+        )
+        return
+    if outcome.status == "quarantined":
+        log.error("%s quarantined: %s", outcome.incoming, outcome.reason)
+        return
+    if outcome.status == "gone":
+        return
+    for error in outcome.errors:
+        log.warning("%s: %s", outcome.sop_instance_uid, error)
+    for note in outcome.notes:
+        log.warning("%s: %s", outcome.sop_instance_uid, note)
+    if outcome.reason:
+        log.info(
+            "%s not compressed (rule %s): %s",
+            outcome.sop_instance_uid,
+            outcome.rule,
+            outcome.reason,
+        )
+    log.debug(
+        "%s rule=%s ts=%s %d -> %d bytes in %.3fs delivered=%s queued=%s",
+        outcome.sop_instance_uid,
+        outcome.rule,
+        outcome.transfer_syntax,
+        outcome.bytes_in,
+        outcome.bytes_out,
+        outcome.seconds,
+        ",".join(outcome.delivered),
+        ",".join(outcome.queued),
+    )

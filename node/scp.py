@@ -1,0 +1,202 @@
+"""Associations and the C-STORE / C-ECHO handlers: receive into the spool, nothing else.
+
+A C-STORE is answered Success only after its data set is durable in the spool; the
+handler never decodes the data set, and compression happens later in workers.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pynetdicom
+import pynetdicom.acse
+from pydicom.dataset import Dataset
+from pydicom.uid import UID
+from pynetdicom import AE, evt
+from pynetdicom.events import Event
+from pynetdicom.presentation import PresentationContext
+from pynetdicom.sop_class import Verification
+from pynetdicom.transport import ThreadedAssociationServer
+
+from node.config import NodeSettings
+from node.spool import Arrival, Spool
+
+log = logging.getLogger("dicom_node.scp")
+
+# C-STORE statuses (PS3.4 B.2.3).
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700
+CANNOT_UNDERSTAND = 0xC000
+
+# What the node accepts from senders: the uncompressed syntaxes and the common
+# compressed ones (a compressed instance is passed on or transcoded by the workers).
+ACCEPTED_TRANSFER_SYNTAXES: tuple[str, ...] = (
+    "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
+    "1.2.840.10008.1.2",  # Implicit VR Little Endian
+    "1.2.840.10008.1.2.2",  # Explicit VR Big Endian (retired, still sent by old modalities)
+    "1.2.840.10008.1.2.1.99",  # Deflated Explicit VR Little Endian
+    "1.2.840.10008.1.2.4.50",  # JPEG Baseline
+    "1.2.840.10008.1.2.4.51",  # JPEG Extended
+    "1.2.840.10008.1.2.4.57",  # JPEG Lossless
+    "1.2.840.10008.1.2.4.70",  # JPEG Lossless SV1
+    "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless
+    "1.2.840.10008.1.2.4.81",  # JPEG-LS Near-Lossless
+    "1.2.840.10008.1.2.4.90",  # JPEG 2000 Lossless
+    "1.2.840.10008.1.2.4.91",  # JPEG 2000
+    "1.2.840.10008.1.2.4.201",  # HTJ2K Lossless
+    "1.2.840.10008.1.2.4.202",  # HTJ2K Lossless RPCL
+    "1.2.840.10008.1.2.4.203",  # HTJ2K
+    "1.2.840.10008.1.2.5",  # RLE Lossless
+)
+_ACCEPTED = frozenset(ACCEPTED_TRANSFER_SYNTAXES)
+_TRANSFER_SYNTAXES_NOT_SUPPORTED = 0x04
+
+Submit = Callable[[Path], None]
+
+
+class NoDelayAssociationServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server with Nagle's algorithm off on every accepted socket.
+
+    With Nagle on, each C-STORE round trip can stall 40-55 ms waiting for a delayed ACK.
+    """
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        client, address = super().get_request()
+        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return client, address
+
+
+def build_ae(settings: NodeSettings) -> AE:
+    """An AE that accepts every storage SOP class (known, private or future) and C-ECHO."""
+    ae = AE(ae_title=settings.ae_title)
+    ae.maximum_pdu_size = settings.max_pdu
+    ae.maximum_associations = settings.max_associations
+    ae.require_called_aet = False
+    ae.network_timeout = 60
+    ae.acse_timeout = 30
+    ae.dimse_timeout = 60
+    ae.add_supported_context(Verification, list(ACCEPTED_TRANSFER_SYNTAXES[:3]))
+    return ae
+
+
+def enable_any_storage_class() -> None:
+    """Accept every storage-like abstract syntax with the syntaxes the node can read.
+
+    pynetdicom's unrestricted storage mode accepts the first proposed transfer
+    syntax whatever it is; we narrow that to :data:`ACCEPTED_TRANSFER_SYNTAXES` so
+    that nothing the workers cannot read is ever acknowledged.
+    """
+    pynetdicom._config.UNRESTRICTED_STORAGE_SERVICE = True
+    original = pynetdicom.presentation.negotiate_unrestricted
+    if getattr(pynetdicom.acse.negotiate_unrestricted, "_dicom_node", False):
+        return
+
+    def negotiate(
+        rq_contexts: list[PresentationContext],
+        ac_contexts: list[PresentationContext],
+        roles: Any = None,
+    ) -> Any:
+        kept, refused = [], []
+        for rcx in rq_contexts:
+            if not _is_storage_like(UID(rcx.abstract_syntax)):
+                kept.append(rcx)
+                continue
+            readable = [ts for ts in rcx.transfer_syntax if ts in _ACCEPTED]
+            if readable:
+                kept.append(_context(rcx, readable))
+            else:
+                refused.append(
+                    _context(rcx, rcx.transfer_syntax[:1], result=_TRANSFER_SYNTAXES_NOT_SUPPORTED)
+                )
+        result, reply_roles = original(kept, ac_contexts, roles)
+        return sorted(result + refused, key=lambda cx: cx.context_id), reply_roles
+
+    negotiate._dicom_node = True  # type: ignore[attr-defined]
+    pynetdicom.acse.negotiate_unrestricted = negotiate
+
+
+def _is_storage_like(uid: UID) -> bool:
+    # The same test pynetdicom's unrestricted negotiation applies.
+    from pynetdicom import sop_class
+    from pynetdicom.sop_class import _STORAGE_CLASSES
+
+    return uid.is_private or uid in _STORAGE_CLASSES.values() or not hasattr(sop_class, uid.keyword)
+
+
+def _context(
+    rcx: PresentationContext, syntaxes: list[str], result: int | None = None
+) -> PresentationContext:
+    cx = PresentationContext()
+    cx.context_id = rcx.context_id
+    cx.abstract_syntax = rcx.abstract_syntax
+    cx.transfer_syntax = list(syntaxes)
+    if result is not None:
+        cx.result = result
+    return cx
+
+
+def handlers(spool: Spool, submit: Submit) -> list[Any]:
+    return [
+        (evt.EVT_C_ECHO, handle_echo),
+        (evt.EVT_C_STORE, handle_store, [spool, submit]),
+        (evt.EVT_ACCEPTED, _log_association, ["accepted"]),
+        (evt.EVT_RELEASED, _log_association, ["released"]),
+        (evt.EVT_ABORTED, _log_association, ["aborted"]),
+    ]
+
+
+def handle_echo(event: Event) -> int:
+    return SUCCESS
+
+
+def handle_store(event: Event, spool: Spool, submit: Submit) -> int | Dataset:
+    """Make the data set durable in the spool, then answer; never decode it."""
+    request = event.request
+    data = request.DataSet.getvalue() if request.DataSet is not None else b""
+    if not data:
+        return _status(CANNOT_UNDERSTAND, "C-STORE request without a data set")
+    requestor, acceptor = event.assoc.requestor, event.assoc.acceptor
+    arrival = Arrival(
+        sop_class_uid=str(request.AffectedSOPClassUID),
+        sop_instance_uid=str(request.AffectedSOPInstanceUID),
+        transfer_syntax_uid=str(event.context.transfer_syntax),
+        calling_ae_title=requestor.ae_title,
+        called_ae_title=acceptor.ae_title,
+        peer_address=str(requestor.address),
+        peer_port=int(requestor.port or 0),
+    )
+    try:
+        path = spool.accept(arrival, [data])
+    except OSError as exc:
+        log.error(
+            "cannot store %s from %s in the spool: %s",
+            arrival.sop_instance_uid,
+            arrival.calling_ae_title,
+            exc,
+        )
+        return _status(OUT_OF_RESOURCES, f"node cannot store the instance: {exc.strerror or exc}")
+    submit(path)
+    return SUCCESS
+
+
+def _status(code: int, comment: str) -> Dataset:
+    status = Dataset()
+    status.Status = code
+    status.ErrorComment = comment[:64]
+    return status
+
+
+def _log_association(event: Event, what: str) -> None:
+    requestor = event.assoc.requestor
+    log.debug(
+        "association %s: %s (%s:%s) -> %s",
+        what,
+        requestor.ae_title,
+        requestor.address,
+        requestor.port,
+        event.assoc.acceptor.ae_title,
+    )

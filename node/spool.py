@@ -1,0 +1,159 @@
+"""The durable queue on disk between the network and the workers.
+
+Layout below the spool root::
+
+    incoming/<id>.dcm                  acknowledged to the sender, not yet routed
+    unrouted/<id>.dcm + <id>.txt       matched no rule (kept, with the reason)
+    quarantine/<id>.dcm + <id>.txt     could not be read or processed (kept, with the reason)
+    destinations/<name>/pending/<id>.dcm (+ <id>.json)   waiting for (re)delivery
+    destinations/<name>/failed/<id>.dcm + <id>.json      given up on, with the reason
+    work/                              workers' scratch space (same file system)
+
+An ``<id>`` sorts in arrival order. A file in ``incoming/`` is removed only after
+every destination of its rule has the result or holds it in its ``pending/`` folder.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import struct
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from node.errors import SpoolError
+from node.fsutil import TMP_SUFFIX, fsync_dir, makedirs_durably, write_durably
+
+PREAMBLE = b"\x00" * 128 + b"DICM"
+IMPLEMENTATION_CLASS_UID = "1.2.826.0.1.3680043.10.1497.1"
+IMPLEMENTATION_VERSION_NAME = "DICOM_NODE_010"
+
+
+@dataclass(frozen=True)
+class Arrival:
+    """What the association said about an instance; kept in its file meta."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    transfer_syntax_uid: str
+    calling_ae_title: str
+    called_ae_title: str
+    peer_address: str
+    peer_port: int
+
+
+class Spool:
+    """The spool folder; one instance per process."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.incoming = root / "incoming"
+        self.unrouted = root / "unrouted"
+        self.quarantine = root / "quarantine"
+        self.destinations = root / "destinations"
+        self.work = root / "work"
+        self._counter = itertools.count()
+
+    def create(self) -> None:
+        """Create the folders; raise :class:`SpoolError` if the spool is not usable."""
+        try:
+            for folder in (
+                self.incoming,
+                self.unrouted,
+                self.quarantine,
+                self.destinations,
+                self.work,
+            ):
+                makedirs_durably(folder)
+            probe = self.work / f".probe-{os.getpid()}"
+            write_durably(probe, [b"ok"])
+            probe.unlink()
+        except OSError as exc:
+            raise SpoolError(
+                f"spool {self.root}: not writable ({exc.strerror or exc}); "
+                "check node.spool and the folder's owner"
+            ) from exc
+        self._remove_partial_writes()
+
+    def pending_dir(self, destination: str) -> Path:
+        return self.destinations / destination / "pending"
+
+    def failed_dir(self, destination: str) -> Path:
+        return self.destinations / destination / "failed"
+
+    def new_id(self) -> str:
+        # Time first so that names sort in arrival order; pid and counter make it unique.
+        return f"{time.time_ns():020d}-{os.getpid()}-{next(self._counter):06d}"
+
+    def accept(self, arrival: Arrival, dataset: Iterable[bytes]) -> Path:
+        """Store a received data set durably in ``incoming/``; return its path.
+
+        Raises OSError (disk full, permission): the caller answers Out of Resources.
+        """
+        path = self.incoming / f"{self.new_id()}.dcm"
+        write_durably(path, [PREAMBLE, encode_file_meta(arrival), *dataset])
+        return path
+
+    def list_incoming(self) -> list[Path]:
+        return sorted(p for p in self.incoming.glob("*.dcm") if not p.name.startswith("."))
+
+    def keep_aside(self, path: Path, folder: Path, reason: str) -> Path:
+        """Move ``path`` into ``unrouted/`` or ``quarantine/`` with a reason file beside it."""
+        target = folder / path.name
+        write_durably(target.with_suffix(".txt"), [reason.encode("utf-8") + b"\n"], sync_dir=False)
+        os.replace(path, target)
+        fsync_dir(folder)
+        return target
+
+    def _remove_partial_writes(self) -> None:
+        """Drop temp files of writes a crash interrupted; they were never acknowledged."""
+        for folder in (self.incoming, self.work):
+            for tmp in folder.glob(f".*{TMP_SUFFIX}"):
+                tmp.unlink(missing_ok=True)
+        for child in self.work.iterdir():
+            if child.is_dir():
+                shutil.rmtree(child, ignore_errors=True)
+
+
+# ------------------------------------------------------------------ file meta, by hand
+# pydicom builds a Dataset for this on every C-STORE; the group is small and fixed,
+# and encoding it directly keeps the receive path free of per-instance pydicom work.
+
+
+def encode_file_meta(arrival: Arrival) -> bytes:
+    """The File Meta Information group (explicit VR little endian) for a received instance."""
+    body = b"".join(
+        [
+            _element(0x0001, "OB", b"\x00\x01"),
+            _element(0x0002, "UI", _uid(arrival.sop_class_uid)),
+            _element(0x0003, "UI", _uid(arrival.sop_instance_uid)),
+            _element(0x0010, "UI", _uid(arrival.transfer_syntax_uid)),
+            _element(0x0012, "UI", _uid(IMPLEMENTATION_CLASS_UID)),
+            _element(0x0013, "SH", _text(IMPLEMENTATION_VERSION_NAME)),
+            # Who sent it, to whom, from where (PS3.10 7.1): the rules match on these.
+            _element(0x0017, "AE", _text(arrival.calling_ae_title)),
+            _element(0x0018, "AE", _text(arrival.called_ae_title)),
+            _element(0x0027, "UR", _text(f"dicom://{arrival.peer_address}:{arrival.peer_port}")),
+        ]
+    )
+    group_length = _element(0x0000, "UL", struct.pack("<I", len(body)))
+    return group_length + body
+
+
+def _element(element: int, vr: str, value: bytes) -> bytes:
+    if vr in ("OB", "UR"):
+        return struct.pack("<HH2sHI", 0x0002, element, vr.encode(), 0, len(value)) + value
+    return struct.pack("<HH2sH", 0x0002, element, vr.encode(), len(value)) + value
+
+
+def _uid(value: str) -> bytes:
+    raw = value.strip("\x00 ").encode("ascii", "replace")
+    return raw + b"\x00" if len(raw) % 2 else raw
+
+
+def _text(value: str) -> bytes:
+    raw = value.strip().encode("ascii", "replace")
+    return raw + b" " if len(raw) % 2 else raw

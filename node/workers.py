@@ -1,0 +1,143 @@
+"""What a worker process does with one acknowledged instance: match, compress, hand over.
+
+Runs in worker processes only (pixel work stays out of the network process). It
+reports what it did as an :class:`Outcome`; the main process does the logging.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from io import BytesIO
+from pathlib import Path
+
+import pydicom
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.errors import InvalidDicomError
+
+from node.codecs import compress_dataset
+from node.codecs.base import CompressResult
+from node.config import Config, DicomDestination, FolderDestination, Rule
+from node.destinations import folder
+from node.fsutil import link_or_copy_durably, write_durably
+from node.rules import Origin, first_match
+from node.spool import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, Spool
+
+
+@dataclass
+class Outcome:
+    """What happened to one incoming file; logged by the main process."""
+
+    incoming: str
+    status: str  # delivered | unrouted | quarantined
+    sop_instance_uid: str = ""
+    rule: str = ""
+    transfer_syntax: str = ""
+    compressed: bool = False
+    lossy: bool = False
+    reason: str | None = None
+    notes: list[str] = field(default_factory=list)
+    bytes_in: int = 0
+    bytes_out: int = 0
+    seconds: float = 0.0
+    delivered: list[str] = field(default_factory=list)
+    queued: list[str] = field(default_factory=list)  # pending in a destination's outbox
+    errors: list[str] = field(default_factory=list)
+
+
+def process_incoming(config: Config, path_text: str) -> Outcome:
+    """Route one file of ``incoming/``; remove it once every destination has it."""
+    started = time.perf_counter()
+    path = Path(path_text)
+    spool = Spool(config.node.spool)
+    outcome = Outcome(incoming=path.name, status="delivered", bytes_in=_size(path))
+    if not path.exists():
+        # Already handled (a crash between delivery and unlink, then a re-scan).
+        outcome.status = "gone"
+        return outcome
+    try:
+        ds = pydicom.dcmread(path)
+        ds.SOPInstanceUID  # noqa: B018 - a data set without it cannot be routed or stored
+    except (InvalidDicomError, AttributeError, ValueError, EOFError, OSError, KeyError) as exc:
+        reason = f"cannot be read as DICOM: {type(exc).__name__}: {exc}"
+        spool.keep_aside(path, spool.quarantine, reason)
+        outcome.status, outcome.reason = "quarantined", reason
+        return outcome
+    outcome.sop_instance_uid = str(ds.SOPInstanceUID)
+    origin = Origin.from_file_meta(ds.file_meta)
+    rule = first_match(config.rules, ds, origin)
+    if rule is None:
+        reason = (
+            f"no rule matched (Modality={ds.get('Modality', '')!r}, "
+            f"calling AE {origin.calling_ae_title!r}, peer {origin.peer_address})"
+        )
+        spool.keep_aside(path, spool.unrouted, reason)
+        outcome.status, outcome.reason = "unrouted", reason
+        return outcome
+    outcome.rule = rule.name
+    result = _apply_rule(rule, ds)
+    outcome.transfer_syntax = str(result.transfer_syntax)
+    outcome.compressed, outcome.lossy = result.compressed, result.lossy
+    outcome.reason, outcome.notes = result.reason, list(result.notes)
+    outcome.sop_instance_uid = str(result.dataset.SOPInstanceUID)
+    _hand_over(config, spool, rule, result.dataset, path, outcome)
+    outcome.seconds = time.perf_counter() - started
+    return outcome
+
+
+def _apply_rule(rule: Rule, ds: Dataset) -> CompressResult:
+    if rule.compress is None:
+        ts = ds.file_meta.TransferSyntaxUID
+        return CompressResult(dataset=ds, transfer_syntax=ts, compressed=False)
+    return compress_dataset(ds, rule.compress)
+
+
+def _hand_over(
+    config: Config, spool: Spool, rule: Rule, ds: Dataset, incoming: Path, outcome: Outcome
+) -> None:
+    """Write the result once, then give every destination its copy (or queue it)."""
+    encoded = spool.work / f"{incoming.stem}.dcm"
+    data = encode_part10(ds)
+    outcome.bytes_out = len(data)
+    write_durably(encoded, [data], sync_dir=False)
+    try:
+        for name in rule.send_to:
+            dest = config.destinations[name]
+            if isinstance(dest, FolderDestination):
+                try:
+                    folder.deliver(dest, ds, encoded)
+                    outcome.delivered.append(name)
+                    continue
+                except (OSError, folder.UnsafePathError) as exc:
+                    outcome.errors.append(f"{name}: {exc}; queued for retry")
+            elif not isinstance(dest, DicomDestination):
+                raise TypeError(f"unknown destination type {type(dest).__name__}")
+            pending = spool.pending_dir(name)
+            pending.mkdir(parents=True, exist_ok=True)
+            link_or_copy_durably(encoded, pending / incoming.name)
+            outcome.queued.append(name)
+    finally:
+        encoded.unlink(missing_ok=True)
+    # Every destination has it or holds it in its outbox: the incoming copy can go.
+    incoming.unlink()
+
+
+def encode_part10(ds: Dataset) -> bytes:
+    """``ds`` as a Part 10 file with the node's own implementation identity."""
+    meta = ds.file_meta if isinstance(ds.file_meta, FileMetaDataset) else FileMetaDataset()
+    meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
+    meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
+    ds.file_meta = meta
+    buffer = BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def _size(path: Path) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0
