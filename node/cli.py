@@ -53,7 +53,7 @@ def _run(args: argparse.Namespace) -> int:
     _setup_logging(config.node.log_level)
     from node.service import run_until_signalled  # pynetdicom is slow to import
 
-    run_until_signalled(config)
+    run_until_signalled(config, args.config)
     return 0
 
 

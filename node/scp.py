@@ -9,12 +9,14 @@ from __future__ import annotations
 import logging
 import socket
 from collections.abc import Callable
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 
 import pynetdicom
 import pynetdicom.acse
 from pydicom.dataset import Dataset
+from pydicom.filereader import read_dataset
 from pydicom.uid import UID
 from pynetdicom import AE, evt
 from pynetdicom.events import Event
@@ -53,6 +55,10 @@ ACCEPTED_TRANSFER_SYNTAXES: tuple[str, ...] = (
     "1.2.840.10008.1.2.5",  # RLE Lossless
 )
 _ACCEPTED = frozenset(ACCEPTED_TRANSFER_SYNTAXES)
+IMPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2"
+EXPLICIT_VR_BIG_ENDIAN = "1.2.840.10008.1.2.2"
+DEFLATED = "1.2.840.10008.1.2.1.99"
+SOP_INSTANCE_UID = 0x00080018
 _TRANSFER_SYNTAXES_NOT_SUPPORTED = 0x04
 
 Submit = Callable[[Path], None]
@@ -159,6 +165,10 @@ def handle_store(event: Event, spool: Spool, submit: Submit) -> int | Dataset:
     data = request.DataSet.getvalue() if request.DataSet is not None else b""
     if not data:
         return _status(CANNOT_UNDERSTAND, "C-STORE request without a data set")
+    problem = header_problem(data, str(event.context.transfer_syntax))
+    if problem:
+        log.warning("refused an instance from %s: %s", event.assoc.requestor.ae_title, problem)
+        return _status(CANNOT_UNDERSTAND, problem)
     requestor, acceptor = event.assoc.requestor, event.assoc.acceptor
     arrival = Arrival(
         sop_class_uid=str(request.AffectedSOPClassUID),
@@ -181,6 +191,28 @@ def handle_store(event: Event, spool: Spool, submit: Submit) -> int | Dataset:
         return _status(OUT_OF_RESOURCES, f"node cannot store the instance: {exc.strerror or exc}")
     submit(path)
     return SUCCESS
+
+
+def header_problem(data: bytes, transfer_syntax: str) -> str | None:
+    """Why the data set's header is unreadable, or None; reads up to SOP Instance UID only.
+
+    About 0.1 ms per instance: enough to refuse garbage before acknowledging it,
+    without decoding the data set (the workers do that).
+    """
+    if transfer_syntax == DEFLATED:
+        return None  # the workers inflate it; a broken one is quarantined with a reason
+    implicit = transfer_syntax == IMPLICIT_VR_LITTLE_ENDIAN
+    little = transfer_syntax != EXPLICIT_VR_BIG_ENDIAN
+    try:
+        header = read_dataset(
+            BytesIO(data), implicit, little, stop_when=lambda tag, vr, length: tag > SOP_INSTANCE_UID
+        )
+        uid = header.get("SOPInstanceUID")
+    except Exception as exc:  # pydicom raises many kinds on garbage; all mean "unreadable"
+        return f"data set unreadable: {type(exc).__name__}"
+    if not uid:
+        return "data set has no SOP Instance UID"
+    return None
 
 
 def _status(code: int, comment: str) -> Dataset:

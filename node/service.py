@@ -6,15 +6,17 @@ import logging
 import signal
 import threading
 import time
+from dataclasses import replace
 
 from pynetdicom import AE
 
-from node.config import Config
+from node.config import Config, load_config
 from node.destinations import Runner, start_runners
-from node.errors import StartupError
+from node.errors import ConfigError, StartupError
 from node.pipeline import Pipeline
 from node.scp import NoDelayAssociationServer, build_ae, enable_any_storage_class, handlers
 from node.spool import Spool
+from node.systemd import Notifier
 from node.workers import Outcome
 
 log = logging.getLogger("dicom_node")
@@ -90,10 +92,38 @@ class Node:
             runner.stop()
         log.info("stopped; %d instance(s) wait in the spool", len(self.spool.list_incoming()))
 
+    def reload(self, config_path: str | None) -> None:
+        """Apply a re-read config to instances not yet routed; keep the old one if invalid."""
+        try:
+            config = load_config(config_path)
+        except ConfigError as exc:
+            log.error("reload refused, the running config stays: %s", exc)
+            return
+        if config.node != self.config.node:
+            log.warning("reload: changes under node: take effect at the next restart")
+            config = replace(config, node=self.config.node)
+        for runner in self.runners.values():
+            runner.stop()
+        self.config = config
+        self.pipeline.reconfigure(config)
+        self.runners = start_runners(config, self.spool)
+        log.info(
+            "reloaded %s: %d rules, %d destinations",
+            config.source,
+            len(config.rules),
+            len(config.destinations),
+        )
 
-def run_until_signalled(config: Config) -> None:
+    def status_line(self) -> str:
+        return f"{self.pipeline.backlog()} instance(s) waiting for workers"
+
+
+def run_until_signalled(config: Config, config_path: str | None) -> None:
+    """Run until SIGTERM/SIGINT; SIGHUP re-reads the config file."""
     node = Node(config)
+    notifier = Notifier()
     stopping = threading.Event()
+    reloads = threading.Event()
 
     def request_stop(signum: int, _frame: object) -> None:
         log.info("received %s, shutting down", signal.Signals(signum).name)
@@ -101,7 +131,17 @@ def run_until_signalled(config: Config) -> None:
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGHUP, lambda _s, _f: reloads.set())
     node.start()
-    while not stopping.wait(1.0):
-        pass
+    notifier.ready(node.status_line())
+    tick = min(5.0, notifier.watchdog_interval or 5.0)
+    while not stopping.wait(tick):
+        if reloads.is_set():
+            reloads.clear()
+            notifier.reloading()
+            node.reload(config_path)
+            notifier.ready(node.status_line())
+        notifier.watchdog()
+        notifier.status(node.status_line())
+    notifier.stopping()
     node.stop()
