@@ -27,3 +27,15 @@ class StartupError(NodeError):
     """The node cannot start (port in use, permission denied)."""
 
     exit_code = 3
+
+
+class DeliveryError(NodeError):
+    """A DICOM peer cannot be reached or refuses the node (e.g. ``dicom-node echo``)."""
+
+    exit_code = 4
+
+
+class OutboxError(NodeError):
+    """A destination's outbox cannot do what was asked (e.g. no such failed instance)."""
+
+    exit_code = 5

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from node.config import Config
 from node.spool import Spool
-from node.workers import Outcome, process_incoming
+from node.workers import Outcome, process_incoming, warm_up
 
 log = logging.getLogger("dicom_node.pipeline")
 
@@ -46,6 +46,7 @@ class Pipeline:
 
     def start(self) -> int:
         """Start dispatching; queue what a previous run left in ``incoming/``."""
+        self._warm_up()
         left_over = self.spool.list_incoming()
         for path in left_over:
             self._queue.put(path)
@@ -88,6 +89,12 @@ class Pipeline:
             max_workers=self.config.node.worker_count,
             mp_context=multiprocessing.get_context("spawn"),
         )
+
+    def _warm_up(self) -> None:
+        # Start every worker now (the pool starts them on demand) so that the first
+        # instances do not wait for interpreter start-up and codec imports.
+        for future in [self._executor.submit(warm_up) for _ in range(self.config.node.worker_count)]:
+            future.result()
 
     def _drain_queue(self) -> None:
         while True:

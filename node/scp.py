@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import logging
 import socket
+import socketserver
+import threading
+import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
 from typing import Any
@@ -74,6 +78,14 @@ class NoDelayAssociationServer(ThreadedAssociationServer):
         client, address = super().get_request()
         client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return client, address
+
+    def shutdown(self) -> None:
+        """Stop accepting and close the listening socket; associations go on.
+
+        pynetdicom's own shutdown expects a server made by ``AE.start_server``.
+        """
+        socketserver.BaseServer.shutdown(self)
+        self.server_close()
 
 
 def build_ae(settings: NodeSettings) -> AE:
@@ -145,13 +157,60 @@ def _context(
     return cx
 
 
+@dataclass
+class _Traffic:
+    started: float = field(default_factory=time.monotonic)
+    instances: int = 0
+    failures: int = 0
+    bytes: int = 0
+
+
+class AssociationLog:
+    """One log line per association: peer, AE titles, instances, bytes, duration."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._open: dict[int, _Traffic] = {}
+
+    def opened(self, event: Event) -> None:
+        with self._lock:
+            self._open[id(event.assoc)] = _Traffic()
+
+    def stored(self, event: Event, size: int, ok: bool) -> None:
+        with self._lock:
+            traffic = self._open.setdefault(id(event.assoc), _Traffic())
+            traffic.instances += ok
+            traffic.failures += not ok
+            traffic.bytes += size
+
+    def closed(self, event: Event, how: str) -> None:
+        with self._lock:
+            traffic = self._open.pop(id(event.assoc), None)
+        if traffic is None:
+            return
+        requestor = event.assoc.requestor
+        log.info(
+            "association %s: %s at %s:%s -> %s, %d instance(s) stored, %d refused, %d bytes, %.2fs",
+            how,
+            requestor.ae_title,
+            requestor.address,
+            requestor.port,
+            event.assoc.acceptor.ae_title,
+            traffic.instances,
+            traffic.failures,
+            traffic.bytes,
+            time.monotonic() - traffic.started,
+        )
+
+
 def handlers(spool: Spool, submit: Submit) -> list[Any]:
+    associations = AssociationLog()
     return [
         (evt.EVT_C_ECHO, handle_echo),
-        (evt.EVT_C_STORE, handle_store, [spool, submit]),
-        (evt.EVT_ACCEPTED, _log_association, ["accepted"]),
-        (evt.EVT_RELEASED, _log_association, ["released"]),
-        (evt.EVT_ABORTED, _log_association, ["aborted"]),
+        (evt.EVT_C_STORE, handle_store, [spool, submit, associations]),
+        (evt.EVT_ACCEPTED, lambda event: associations.opened(event)),
+        (evt.EVT_RELEASED, associations.closed, ["released"]),
+        (evt.EVT_ABORTED, associations.closed, ["aborted"]),
     ]
 
 
@@ -159,10 +218,20 @@ def handle_echo(event: Event) -> int:
     return SUCCESS
 
 
-def handle_store(event: Event, spool: Spool, submit: Submit) -> int | Dataset:
+def handle_store(
+    event: Event, spool: Spool, submit: Submit, associations: AssociationLog | None = None
+) -> int | Dataset:
     """Make the data set durable in the spool, then answer; never decode it."""
     request = event.request
     data = request.DataSet.getvalue() if request.DataSet is not None else b""
+    status = store_durably(event, data, spool, submit)
+    if associations is not None:
+        associations.stored(event, len(data), status == SUCCESS)
+    return status
+
+
+def store_durably(event: Event, data: bytes, spool: Spool, submit: Submit) -> int | Dataset:
+    request = event.request
     if not data:
         return _status(CANNOT_UNDERSTAND, "C-STORE request without a data set")
     problem = header_problem(data, str(event.context.transfer_syntax))
@@ -205,7 +274,10 @@ def header_problem(data: bytes, transfer_syntax: str) -> str | None:
     little = transfer_syntax != EXPLICIT_VR_BIG_ENDIAN
     try:
         header = read_dataset(
-            BytesIO(data), implicit, little, stop_when=lambda tag, vr, length: tag > SOP_INSTANCE_UID
+            BytesIO(data),
+            implicit,
+            little,
+            stop_when=lambda tag, vr, length: tag > SOP_INSTANCE_UID,
         )
         uid = header.get("SOPInstanceUID")
     except Exception as exc:  # pydicom raises many kinds on garbage; all mean "unreadable"
@@ -220,15 +292,3 @@ def _status(code: int, comment: str) -> Dataset:
     status.Status = code
     status.ErrorComment = comment[:64]
     return status
-
-
-def _log_association(event: Event, what: str) -> None:
-    requestor = event.assoc.requestor
-    log.debug(
-        "association %s: %s (%s:%s) -> %s",
-        what,
-        requestor.ae_title,
-        requestor.address,
-        requestor.port,
-        event.assoc.acceptor.ae_title,
-    )

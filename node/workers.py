@@ -46,6 +46,11 @@ class Outcome:
     errors: list[str] = field(default_factory=list)
 
 
+def warm_up() -> int:
+    """Nothing but the imports above; returns the worker's pid."""
+    return os.getpid()
+
+
 def process_incoming(config: Config, path_text: str) -> Outcome:
     """Route one file of ``incoming/``; remove it once every destination has it."""
     started = time.perf_counter()

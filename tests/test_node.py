@@ -56,8 +56,10 @@ def by_uid(paths: list[Path]) -> dict[str, pydicom.Dataset]:
     return {str(ds.SOPInstanceUID): ds for ds in map(pydicom.dcmread, paths)}
 
 
-def children(pid: int) -> list[int]:
-    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+def worker_processes(pid: int) -> list[int]:
+    """The node's worker processes (multiprocessing's spawned children)."""
+    out = subprocess.run(["pgrep", "-P", str(pid), "-f", "spawn_main"], capture_output=True,
+                         text=True).stdout
     return [int(x) for x in out.split()]
 
 
@@ -188,8 +190,8 @@ def test_same_instance_twice_is_one_file(nodes, tmp_path) -> None:
 def test_killed_node_loses_nothing_it_acknowledged(nodes, tmp_path) -> None:
     """Freeze the workers, send, SIGKILL everything, restart: all arrive."""
     node = nodes.start()
-    node.wait_until(lambda: len(children(node.proc.pid)) >= 2, 30, "worker processes")
-    workers = children(node.proc.pid)
+    node.wait_until(lambda: len(worker_processes(node.proc.pid)) == 2, 30, "2 worker processes")
+    workers = worker_processes(node.proc.pid)
     for pid in workers:
         os.kill(pid, signal.SIGSTOP)
     sources = [images.make_ct(rows=64, cols=64, seed=10 + i) for i in range(10)]

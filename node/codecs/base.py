@@ -40,6 +40,9 @@ class CompressSpec:
     compression_ratio: float | None = None  # JPEG 2000 lossy
     psnr: float | None = None  # JPEG 2000 lossy
     new_uid_on_lossy: bool = True
+    # Decode lossless output once and compare it with the input before accepting it.
+    # Costs about one decode per instance; lossy output is always verified.
+    verify_lossless: bool = False
 
 
 @dataclass

@@ -1,0 +1,454 @@
+"""Compress (or decompress) one DICOM instance to the transfer syntax a rule asks for.
+
+Entry point: :func:`compress_dataset`. It never raises for a pixel format it cannot
+handle and never drops an instance: anything it will not or cannot encode comes back
+unchanged with ``compressed=False`` and a one-line ``reason``.
+
+Transfer syntax of an instance that is passed through: the syntax it was received
+in, except Explicit VR Big Endian, which becomes Explicit VR Little Endian (retired,
+and many receivers no longer accept it). Implicit VR and Deflated stay as they are:
+converting them gains nothing and re-encodes private elements whose VR is unknown.
+
+``result.transfer_syntax == spec.transfer_syntax`` tells whether the output is in the
+syntax the rule asked for (it can be JPEG-LS Lossless instead of Near-Lossless, see
+:func:`_encode_near_lossless`).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+from io import BytesIO
+from typing import Any
+
+import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.encaps import generate_fragments, parse_basic_offsets
+from pydicom.pixels.encoders.base import ENCODING_PROFILES
+from pydicom.pixels.utils import compress
+from pydicom.uid import (
+    JPEG2000,
+    UID,
+    ExplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+)
+from pydicom.valuerep import VR
+
+from node.codecs.base import CodecError, CompressResult, CompressSpec, SyntaxInfo
+from node.codecs.endian import is_big_endian, to_little_endian
+from node.codecs.lossy import format_ratio, mark_lossy
+from node.codecs.pixels import (
+    PixelFormatError,
+    Pixels,
+    check_encodable,
+    decode_stored,
+    one_line,
+)
+from node.codecs.plugins import available_encoders, check_plugin
+from node.codecs.syntaxes import BY_UID, lookup_syntax
+
+# dcmcjpls' default NEAR, used when a near-lossless rule sets no max_error.
+DEFAULT_MAX_ERROR = 2
+# JPEG-LS NEAR is at most 255 (ISO 14495-1 C.2.4.1.1: min(255, MAXVAL / 2)).
+MAX_NEAR = 255
+
+# Input syntaxes that are lossy whatever their parameters.
+_ALWAYS_LOSSY_INPUT = frozenset({JPEGBaseline8Bit, JPEGExtended12Bit})
+
+# Elements that describe the old encapsulation and must not outlive it.
+_OFFSET_TABLE_KEYWORDS = (
+    "ExtendedOffsetTable",
+    "ExtendedOffsetTableLengths",
+    "EncapsulatedPixelDataValueTotalLength",
+)
+
+
+class _EncodeFailed(PixelFormatError):
+    """Every candidate encoder raised; the message lists them."""
+
+
+__all__ = [
+    "CodecError",
+    "CompressResult",
+    "CompressSpec",
+    "SyntaxInfo",
+    "available_encoders",
+    "check_plugin",
+    "check_spec",
+    "compress_dataset",
+    "is_big_endian",
+    "lookup_syntax",
+    "to_little_endian",
+]
+
+
+# --------------------------------------------------------------------------- config
+
+
+def check_spec(spec: CompressSpec) -> str | None:
+    """An error message if `spec` cannot be carried out on this machine, else None."""
+    info = BY_UID.get(str(spec.transfer_syntax))
+    if info is None:
+        return f"transfer syntax {spec.transfer_syntax} is not one the node can write"
+    problem = check_plugin(info.uid, spec.plugin)
+    if problem:
+        return problem
+    if spec.max_error is not None:
+        if info.uid != JPEGLSNearLossless:
+            return f"max_error applies only to jpeg-ls-near-lossless, not {info.name}"
+        if not isinstance(spec.max_error, int) or not 0 <= spec.max_error <= MAX_NEAR:
+            return f"max_error must be an integer from 0 to {MAX_NEAR}, not {spec.max_error!r}"
+    return _check_j2k_quality(spec, info)
+
+
+def _check_j2k_quality(spec: CompressSpec, info: SyntaxInfo) -> str | None:
+    given = [p for p in ("compression_ratio", "psnr") if getattr(spec, p) is not None]
+    if info.uid != JPEG2000:
+        if given:
+            return f"{given[0]} applies only to jpeg-2000, not {info.name}"
+        return None
+    if len(given) != 1:
+        return "jpeg-2000 needs exactly one of compression_ratio or psnr"
+    if spec.compression_ratio is not None and not spec.compression_ratio > 1:
+        return f"compression_ratio must be greater than 1, not {spec.compression_ratio}"
+    if spec.psnr is not None and not spec.psnr > 0:
+        return f"psnr must be positive (dB), not {spec.psnr}"
+    return None
+
+
+# --------------------------------------------------------------------------- entry
+
+
+def compress_dataset(ds: Dataset, spec: CompressSpec) -> CompressResult:
+    """Encode `ds` as `spec.transfer_syntax`; the input dataset is not modified.
+
+    Raises CodecError only when `spec` itself is unusable (see :func:`check_spec`).
+    """
+    problem = check_spec(spec)
+    if problem:
+        raise CodecError(problem)
+    target = UID(spec.transfer_syntax)
+    source = _source_syntax(ds)
+    if source is None:
+        return passthrough(ds, "no Transfer Syntax UID in the file meta information")
+    if source == target:
+        return passthrough(ds, "already in target syntax")
+    try:
+        if target == ExplicitVRLittleEndian:
+            return _to_explicit_little(ds, source)
+        return _transcode(ds, source, target, spec)
+    except PixelFormatError as exc:
+        return passthrough(ds, str(exc))
+    except Exception as exc:  # an encoder or decoder bug must not lose the instance
+        return passthrough(ds, f"codec error: {type(exc).__name__}: {one_line(exc)}")
+
+
+def passthrough(ds: Dataset, reason: str) -> CompressResult:
+    """`ds` as received (big endian turned little), with the reason it was not encoded."""
+    try:
+        out = to_little_endian(ds)
+    except Exception as exc:  # keep the instance even if it cannot be byte-swapped
+        out, reason = ds, f"{reason}; left big endian: {one_line(exc)}"
+    return CompressResult(
+        dataset=out,
+        transfer_syntax=_source_syntax(out) or UID(""),
+        compressed=False,
+        reason=reason,
+    )
+
+
+def _source_syntax(ds: Dataset) -> UID | None:
+    file_meta = getattr(ds, "file_meta", None)
+    syntax = file_meta.get("TransferSyntaxUID") if file_meta is not None else None
+    return UID(syntax) if syntax else None
+
+
+def _working_copy(ds: Dataset) -> Dataset:
+    # Pixel Data bytes are immutable, so a deep copy shares them instead of
+    # duplicating them; the input stays intact for a pass-through.
+    little = to_little_endian(ds)
+    return copy.deepcopy(ds) if little is ds else little
+
+
+# --------------------------------------------------------------------------- native
+
+
+def _to_explicit_little(ds: Dataset, source: UID) -> CompressResult:
+    """Explicit VR Little Endian output: decompress, or just re-declare native data."""
+    work = _working_copy(ds)
+    notes: list[str] = []
+    if source.is_compressed:
+        pixels = decode_stored(work, source)
+        notes = _note_lossy_input(work, source)
+        _set_native_pixels(work, pixels)
+    # Native input keeps its pixel bytes as they are, junk high bits included.
+    work.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    return CompressResult(
+        dataset=work,
+        transfer_syntax=ExplicitVRLittleEndian,
+        compressed=False,
+        notes=notes,
+    )
+
+
+def _set_native_pixels(ds: Dataset, pixels: Pixels) -> None:
+    _describe_pixels(ds, pixels, pixels.photometric_interpretation)
+    data = pixels.array.astype(pixels.array.dtype.newbyteorder("<"), copy=False).tobytes()
+    ds.PixelData = data + b"\x00" * (len(data) % 2)  # values have even length
+    elem = ds["PixelData"]
+    elem.VR = VR.OW if pixels.bits_allocated > 8 else VR.OB
+    elem.is_undefined_length = False
+
+
+# --------------------------------------------------------------------------- encode
+
+
+def _transcode(ds: Dataset, source: UID, target: UID, spec: CompressSpec) -> CompressResult:
+    check_encodable(ds)  # before copying: most non-images stop here
+    work = _working_copy(ds)
+    source = UID(work.file_meta.TransferSyntaxUID)  # big endian is now little
+    pixels = decode_stored(work, source)
+    pi = _output_photometric(pixels.photometric_interpretation, target)
+    problem = _profile_problem(target, pi, pixels)
+    if problem:
+        raise PixelFormatError(problem)
+    notes = _note_lossy_input(work, source)
+    _describe_pixels(work, pixels, pi)
+
+    if target == JPEGLSNearLossless:
+        result = _encode_near_lossless(work, pixels, spec)
+    elif target == JPEG2000:
+        result = _encode_j2k_lossy(work, pixels, spec)
+    else:
+        encoder = _encode(work, pixels, target, spec.plugin)
+        if spec.verify_lossless:
+            _verify_lossless(work, target, pixels)
+        result = _result(work, target, pixels, encoder, lossy=False)
+    result.notes[:0] = notes
+    return result
+
+
+def _output_photometric(pi: str, target: UID) -> str:
+    # JPEG 2000 compresses RGB much better with its colour transform, which is
+    # only applied when the dataset already says YBR_RCT/YBR_ICT (PS3.5 8.2.4).
+    if pi == "RGB" and target == JPEG2000Lossless:
+        return "YBR_RCT"
+    if pi == "RGB" and target == JPEG2000:
+        return "YBR_ICT"
+    return pi
+
+
+def _profile_problem(target: UID, pi: str, pixels: Pixels) -> str | None:
+    """Why PS3.5 section 8.2 does not allow this pixel format in `target`, or None."""
+    spp = pixels.samples_per_pixel
+    signed = int(pixels.signed)
+    for p_pi, p_spp, p_signed, p_alloc, p_stored in ENCODING_PROFILES.get(target, []):
+        if (
+            (pi, spp) == (p_pi, p_spp)
+            and signed in p_signed
+            and pixels.bits_allocated in p_alloc
+            and pixels.bits_stored in p_stored
+        ):
+            return None
+    sign = "signed" if pixels.signed else "unsigned"
+    return (
+        f"{target.name} cannot hold {pi} {spp}-sample {sign} data with Bits Allocated "
+        f"{pixels.bits_allocated}, Bits Stored {pixels.bits_stored} (PS3.5 8.2)"
+    )
+
+
+def _describe_pixels(ds: Dataset, pixels: Pixels, pi: str) -> None:
+    """Set the Image Pixel attributes that change with the new pixel data."""
+    ds.PhotometricInterpretation = pi
+    if pixels.samples_per_pixel > 1:
+        ds.PlanarConfiguration = 0  # decoded arrays are colour-by-pixel
+    for keyword in _OFFSET_TABLE_KEYWORDS:
+        if keyword in ds:
+            del ds[keyword]
+
+
+def _note_lossy_input(ds: Dataset, source: UID) -> list[str]:
+    # Lossy Image Compression "shall not be reset" once lossy compression happened;
+    # a few senders omit it on baseline JPEG, so record it before re-encoding.
+    if source in _ALWAYS_LOSSY_INPUT and ds.get("LossyImageCompression") != "01":
+        ds.LossyImageCompression = "01"
+        return [f"input was {source.name}: set Lossy Image Compression to 01"]
+    return []
+
+
+def _encode(ds: Dataset, pixels: Pixels, target: UID, plugin: str | None, **options: Any) -> str:
+    """Compress `pixels` into `ds` with `plugin` or the fastest working one; its name."""
+    candidates = [plugin] if plugin else available_encoders(target)
+    failures: list[str] = []
+    for name in candidates:
+        for keyword in _OFFSET_TABLE_KEYWORDS:  # a previous attempt may have set them
+            if keyword in ds:
+                del ds[keyword]
+        try:
+            # compress() only touches `ds` once every frame has been encoded, so
+            # a failed attempt leaves it as it was.
+            compress(
+                ds,
+                target,
+                pixels.array,
+                encoding_plugin=name,
+                generate_instance_uid=False,
+                **options,
+            )
+        except Exception as exc:
+            failures.append(f"{name}: {one_line(exc)}")
+            continue
+        return name
+    raise _EncodeFailed(f"{target.name} encoding failed: {'; '.join(failures)}")
+
+
+def _encode_near_lossless(ds: Dataset, pixels: Pixels, spec: CompressSpec) -> CompressResult:
+    """JPEG-LS near-lossless, verified by decoding; JPEG-LS lossless when unsafe.
+
+    JPEG-LS does not know about sign: it codes the Bits Stored bit pattern, so an
+    error of +-NEAR around the pattern's wrap point (-2**(BitsStored-1) and
+    2**(BitsStored-1)-1) turns -2048 padding into +2046 (pitfalls.md item 5).
+    Signed data is therefore only coded lossy when no value lies within NEAR of
+    either end of the range, and every lossy result is decoded and checked.
+    """
+    near = DEFAULT_MAX_ERROR if spec.max_error is None else spec.max_error
+    if near == 0:
+        encoder = _encode(ds, pixels, JPEGLSNearLossless, spec.plugin, jls_error=0)
+        result = _result(ds, JPEGLSNearLossless, pixels, encoder, lossy=False)
+        result.notes.append("max_error 0: near-lossless syntax, lossless coding")
+        return result
+
+    unsafe = _signed_wrap_problem(pixels, near)
+    if unsafe is None:
+        try:
+            encoder = _encode(ds, pixels, JPEGLSNearLossless, spec.plugin, jls_error=near)
+            error = _max_abs_error(ds, JPEGLSNearLossless, pixels)
+            if error <= near:
+                description = (
+                    f"Lossy compression with JPEG-LS near-lossless (NEAR={near}), "
+                    f"compression ratio {format_ratio(_ratio(ds, pixels))}"
+                )
+                result = _lossy_result(ds, pixels, encoder, spec, description)
+                result.notes.append(f"max abs error {error} (NEAR {near})")
+                return result
+            unsafe = f"decoded error {error} exceeds max_error {near}"
+        except _EncodeFailed as exc:
+            unsafe = str(exc)
+
+    encoder = _encode(ds, pixels, JPEGLSLossless, _lossless_plugin(spec.plugin))
+    result = _result(ds, JPEGLSLossless, pixels, encoder, lossy=False)
+    result.notes.append(f"fell back to JPEG-LS lossless: {unsafe}")
+    return result
+
+
+def _lossless_plugin(plugin: str | None) -> str | None:
+    # The same library codes both JPEG-LS syntaxes; keep the rule's choice if it can.
+    return plugin if plugin in available_encoders(JPEGLSLossless) else None
+
+
+def _signed_wrap_problem(pixels: Pixels, near: int) -> str | None:
+    if not pixels.signed:
+        return None
+    low = -(1 << (pixels.bits_stored - 1))
+    high = (1 << (pixels.bits_stored - 1)) - 1
+    amin, amax = int(pixels.array.min()), int(pixels.array.max())
+    if amin < low + near or amax > high - near:
+        return (
+            f"signed values {amin}..{amax} come within max_error {near} of the "
+            f"Bits Stored {pixels.bits_stored} limits {low}..{high} and would wrap"
+        )
+    return None
+
+
+def _encode_j2k_lossy(ds: Dataset, pixels: Pixels, spec: CompressSpec) -> CompressResult:
+    if spec.compression_ratio is not None:
+        encoder = _encode(ds, pixels, JPEG2000, spec.plugin, j2k_cr=[spec.compression_ratio])
+        target_text = f"target ratio {spec.compression_ratio:g}"
+    else:
+        encoder = _encode(ds, pixels, JPEG2000, spec.plugin, j2k_psnr=[spec.psnr])
+        target_text = f"target PSNR {spec.psnr:g} dB"
+    # Decode once: a stream that does not decode must never be written.
+    error = _max_abs_error(ds, JPEG2000, pixels)
+    description = (
+        f"Lossy compression with JPEG 2000 ({target_text}), "
+        f"compression ratio {format_ratio(_ratio(ds, pixels))}"
+    )
+    result = _lossy_result(ds, pixels, encoder, spec, description)
+    result.notes.append(f"max abs error {error}")
+    return result
+
+
+# --------------------------------------------------------------------------- results
+
+
+def _result(
+    ds: Dataset, target: UID, pixels: Pixels, encoder: str, *, lossy: bool
+) -> CompressResult:
+    return CompressResult(
+        dataset=ds,
+        transfer_syntax=target,
+        compressed=True,
+        lossy=lossy,
+        ratio=_ratio(ds, pixels),
+        encoder=encoder,
+    )
+
+
+def _lossy_result(
+    ds: Dataset, pixels: Pixels, encoder: str, spec: CompressSpec, description: str
+) -> CompressResult:
+    target = UID(ds.file_meta.TransferSyntaxUID)
+    result = _result(ds, target, pixels, encoder, lossy=True)
+    method = BY_UID[str(target)].method or ""
+    result.notes.extend(
+        mark_lossy(
+            ds,
+            method=method,
+            ratio=result.ratio or 0.0,
+            description=description,
+            new_uid=spec.new_uid_on_lossy,
+        )
+    )
+    return result
+
+
+def _ratio(ds: Dataset, pixels: Pixels) -> float:
+    """Uncompressed size over encoded size, as DCMTK computes it."""
+    uncompressed = pixels.array.size * pixels.bits_allocated // 8
+    return uncompressed / max(1, encoded_length(ds.PixelData))
+
+
+def encoded_length(pixel_data: bytes) -> int:
+    """Total length of the fragments of encapsulated `pixel_data` (no item headers)."""
+    buffer = BytesIO(pixel_data)
+    parse_basic_offsets(buffer)
+    return sum(len(fragment) for fragment in generate_fragments(buffer))
+
+
+# --------------------------------------------------------------------------- verify
+
+
+def _decoded_differences(ds: Dataset, target: UID, pixels: Pixels) -> Iterable[np.ndarray]:
+    decoded = decode_stored(ds, target)
+    if decoded.array.shape != pixels.array.shape:
+        raise PixelFormatError(
+            f"{target.name} output decodes to shape {decoded.array.shape}, not {pixels.array.shape}"
+        )
+    wide = np.int64 if pixels.bits_allocated > 16 else np.int32
+    # Frame by frame keeps the widened copies small for large multi-frame images.
+    for got, want in zip(decoded.array, pixels.array, strict=True):
+        yield np.abs(got.astype(wide) - want.astype(wide))
+
+
+def _max_abs_error(ds: Dataset, target: UID, pixels: Pixels) -> int:
+    return max(int(diff.max()) for diff in _decoded_differences(ds, target, pixels))
+
+
+def _verify_lossless(ds: Dataset, target: UID, pixels: Pixels) -> None:
+    error = _max_abs_error(ds, target, pixels)
+    if error:
+        raise PixelFormatError(f"{target.name} output does not decode to the input (error {error})")

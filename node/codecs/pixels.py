@@ -1,0 +1,144 @@
+"""Reading stored pixel values out of a dataset in any transfer syntax.
+
+"Stored values" are what every conformant decoder must reproduce: the low Bits Stored
+bits of each sample, read as two's complement when Pixel Representation is 1. Bits
+above Bits Stored are not pixel data (PS3.5 8.1.1), so they are cleared or
+sign-extended here, and the encoders see clean values in the Bits Allocated container.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.pixels import get_decoder
+from pydicom.uid import UID
+
+# Decoders hand back sub-sampled colour (YBR_FULL_422) already up-sampled to full
+# resolution, so what gets re-encoded is full YBR.
+_FULL_RESOLUTION_PI: dict[str, str] = {"YBR_FULL_422": "YBR_FULL"}
+
+
+class PixelFormatError(Exception):
+    """The pixel data cannot be compressed; the message says why, in one line."""
+
+
+@dataclass(frozen=True)
+class Pixels:
+    """Decoded stored values and the Image Pixel description that goes with them."""
+
+    array: np.ndarray  # (frames,) rows, columns(, samples); samples interleaved
+    photometric_interpretation: str
+    samples_per_pixel: int
+    bits_allocated: int
+    bits_stored: int
+    signed: bool
+
+
+def container_dtype(bits_allocated: int, signed: bool) -> np.dtype:
+    """The numpy type of one sample in a Bits Allocated container."""
+    return np.dtype(f"{'i' if signed else 'u'}{bits_allocated // 8}")
+
+
+def stored_values(arr: np.ndarray, bits_stored: int, signed: bool) -> np.ndarray:
+    """The low `bits_stored` bits of each sample, sign-extended if `signed`.
+
+    Works in the array's own width: unsigned arithmetic wraps, so
+    ``(v ^ sign) - sign`` is the two's complement sign extension.
+    """
+    arr = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("="))
+    width = arr.dtype.itemsize
+    unsigned = arr.view(f"u{width}")
+    utype = unsigned.dtype.type
+    mask = utype((1 << bits_stored) - 1)
+    values = unsigned & mask
+    if signed:
+        sign = utype(1 << (bits_stored - 1))
+        values = (values ^ sign) - sign
+        return values.view(f"i{width}")
+    return values
+
+
+def decode_stored(ds: Dataset, syntax: UID) -> Pixels:
+    """Decode the pixel data of `ds` (little endian, any syntax) to stored values.
+
+    Raises PixelFormatError for pixel data this node will not re-encode.
+    """
+    check_encodable(ds)
+    bits_allocated = int(ds.BitsAllocated)
+    bits_stored = int(ds.BitsStored)
+    signed = int(ds.PixelRepresentation) == 1
+    try:
+        arr, meta = get_decoder(syntax).as_array(ds, raw=True)
+    except Exception as exc:
+        message = f"cannot decode the {syntax.name} pixel data: {one_line(exc)}"
+        raise PixelFormatError(message) from exc
+
+    if arr.dtype.kind not in "iu":
+        raise PixelFormatError(f"decoded pixel data has type {arr.dtype}, not integers")
+    values = stored_values(arr, bits_stored, signed)
+    # Junk above Bits Stored is only expected in native data. A compressed stream
+    # whose values do not fit Bits Stored disagrees with its own header, and masking
+    # would change the image, so leave such an instance alone.
+    if syntax.is_compressed and not np.array_equal(values, arr):
+        raise PixelFormatError(
+            f"decoded values do not fit Bits Stored {bits_stored}; header and codestream disagree"
+        )
+    pi = str(meta.get("photometric_interpretation", ds.PhotometricInterpretation))
+    return Pixels(
+        array=values.astype(container_dtype(bits_allocated, signed), copy=False),
+        photometric_interpretation=_FULL_RESOLUTION_PI.get(pi, pi),
+        samples_per_pixel=int(meta.get("samples_per_pixel", ds.get("SamplesPerPixel", 1))),
+        bits_allocated=bits_allocated,
+        bits_stored=bits_stored,
+        signed=signed,
+    )
+
+
+def check_encodable(ds: Dataset) -> None:
+    """Raise PixelFormatError unless `ds` has integer pixel data a codec can take."""
+    if "PixelData" not in ds:
+        if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
+            raise PixelFormatError("float pixel data: no lossless codec takes it")
+        raise PixelFormatError("no Pixel Data (not an image): nothing to compress")
+    missing = [
+        kw
+        for kw in ("Rows", "Columns", "BitsAllocated", "BitsStored", "PixelRepresentation")
+        if ds.get(kw) is None
+    ]
+    if missing:
+        raise PixelFormatError(f"Image Pixel attributes missing: {', '.join(missing)}")
+    bits_allocated = int(ds.BitsAllocated)
+    if bits_allocated not in (8, 16, 32):
+        raise PixelFormatError(f"Bits Allocated {bits_allocated} is not supported by the codecs")
+    bits_stored = int(ds.BitsStored)
+    if not 1 <= bits_stored <= bits_allocated:
+        raise PixelFormatError(
+            f"Bits Stored {bits_stored} does not fit Bits Allocated {bits_allocated}"
+        )
+    if embedded_overlay_groups(ds):
+        raise PixelFormatError(
+            "overlay stored in the unused pixel bits; compressing would erase it"
+        )
+
+
+def embedded_overlay_groups(ds: Dataset) -> list[int]:
+    """Overlay groups (60xx) whose bits live in Pixel Data rather than Overlay Data.
+
+    A retired encoding (Overlay Bits Allocated 16, no (60xx,3000)): clearing the bits
+    above Bits Stored would erase the overlay.
+    """
+    groups = []
+    for group in range(0x6000, 0x6020, 2):
+        if (group, 0x0010) not in ds:  # Overlay Rows: the overlay module is present
+            continue
+        if (group, 0x3000) not in ds:
+            groups.append(group)
+    return groups
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception as one short line, for `CompressResult.reason`."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
