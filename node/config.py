@@ -88,15 +88,47 @@ class Rule:
 
 
 @dataclass(frozen=True)
+class AllowEntry:
+    """Callers that may associate: every condition given must hold (globs, networks)."""
+
+    calling_ae_title: tuple[str, ...] = ()
+    peer_networks: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class TlsSettings:
+    """DICOM TLS (PS3.15 Annex B) on its own port."""
+
+    port: int
+    certificate: Path
+    private_key: Path
+    client_ca: Path | None = None  # set: clients must present a certificate signed by it
+
+
+@dataclass(frozen=True)
+class MetricsSettings:
+    host: str = "127.0.0.1"
+    port: int = 9464
+
+
+@dataclass(frozen=True)
 class NodeSettings:
     ae_title: str = "DICOM-NODE"
     host: str = "0.0.0.0"
-    port: int = 11112
+    port: int | None = 11112  # None: no plain port (TLS only)
     spool: Path = Path("dicom-node-data/spool")
     workers: int = 0  # 0 = one per CPU
     max_pdu: int = DEFAULT_MAX_PDU
     max_associations: int = 32
     log_level: str = "INFO"
+    log_format: Literal["text", "json"] = "text"
+    allow: tuple[AllowEntry, ...] = ()  # empty: any caller
+    require_called_ae_title: bool = False
+    tls: TlsSettings | None = None
+    metrics: MetricsSettings | None = None
+    acse_timeout: float = 30.0
+    dimse_timeout: float = 60.0
+    network_timeout: float = 60.0
 
     @property
     def worker_count(self) -> int:
@@ -163,6 +195,14 @@ def _parse_node(raw: Any, base_dir: Path) -> NodeSettings:
             "max_pdu",
             "max_associations",
             "log_level",
+            "log_format",
+            "allow",
+            "require_called_ae_title",
+            "tls",
+            "metrics",
+            "acse_timeout",
+            "dimse_timeout",
+            "network_timeout",
         ),
     )
     defaults = NodeSettings()
@@ -176,10 +216,33 @@ def _parse_node(raw: Any, base_dir: Path) -> NodeSettings:
         raise ConfigError(
             f"{where}.log_level: {log_level!r} is not one of DEBUG, INFO, WARNING, ERROR"
         )
+    log_format = raw.get("log_format", defaults.log_format)
+    if log_format not in ("text", "json"):
+        raise ConfigError(f"{where}.log_format: {log_format!r} is not one of text, json")
+    tls = _parse_tls(raw["tls"], f"{where}.tls", base_dir) if raw.get("tls") else None
+    port = raw.get("port", defaults.port)
+    if port is None and tls is None:
+        raise ConfigError(f"{where}.port: may be null (no plain port) only when {where}.tls is set")
     return NodeSettings(
         ae_title=_ae_title(raw.get("ae_title", defaults.ae_title), f"{where}.ae_title"),
         host=_host(raw.get("host", defaults.host), f"{where}.host"),
-        port=_port(raw.get("port", defaults.port), f"{where}.port"),
+        port=None if port is None else _port(port, f"{where}.port"),
+        log_format=log_format,
+        allow=_parse_allow(raw.get("allow"), f"{where}.allow"),
+        require_called_ae_title=_bool(
+            raw.get("require_called_ae_title", False), f"{where}.require_called_ae_title"
+        ),
+        tls=tls,
+        metrics=_parse_metrics(raw["metrics"], f"{where}.metrics") if raw.get("metrics") else None,
+        acse_timeout=_duration(
+            raw.get("acse_timeout", defaults.acse_timeout), f"{where}.acse_timeout"
+        ),
+        dimse_timeout=_duration(
+            raw.get("dimse_timeout", defaults.dimse_timeout), f"{where}.dimse_timeout"
+        ),
+        network_timeout=_duration(
+            raw.get("network_timeout", defaults.network_timeout), f"{where}.network_timeout"
+        ),
         spool=_path(raw.get("spool", str(defaults.spool)), f"{where}.spool", base_dir),
         workers=workers,
         max_pdu=_int(raw.get("max_pdu", defaults.max_pdu), f"{where}.max_pdu", minimum=4096),
@@ -189,6 +252,69 @@ def _parse_node(raw: Any, base_dir: Path) -> NodeSettings:
             minimum=1,
         ),
         log_level=log_level,
+    )
+
+
+def _parse_allow(raw: Any, where: str) -> tuple[AllowEntry, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError(
+            f"{where}: expected a non-empty list of callers; omit it to accept any caller"
+        )
+    entries = []
+    for i, body in enumerate(raw):
+        place = f"{where}[{i}]"
+        _expect_mapping(body, place)
+        _reject_unknown(body, place, ("calling_ae_title", "peer_address"))
+        if not body:
+            raise ConfigError(f"{place}: name a calling_ae_title, a peer_address, or both")
+        titles = (
+            _patterns(body["calling_ae_title"], f"{place}.calling_ae_title")
+            if "calling_ae_title" in body
+            else ()
+        )
+        networks = (
+            tuple(
+                _network(p, f"{place}.peer_address")
+                for p in _patterns(body["peer_address"], f"{place}.peer_address")
+            )
+            if "peer_address" in body
+            else ()
+        )
+        entries.append(AllowEntry(titles, networks))
+    return tuple(entries)
+
+
+def _parse_tls(raw: Any, where: str, base_dir: Path) -> TlsSettings:
+    _expect_mapping(raw, where)
+    _reject_unknown(raw, where, ("port", "certificate", "private_key", "client_ca"))
+    for key in ("port", "certificate", "private_key"):
+        if key not in raw:
+            raise ConfigError(f"{where}.{key}: required for DICOM TLS")
+    files = {}
+    for key in ("certificate", "private_key", "client_ca"):
+        if raw.get(key) is None:
+            continue
+        path = _path(raw[key], f"{where}.{key}", base_dir)
+        if not path.is_file():
+            raise ConfigError(f"{where}.{key}: {path} does not exist or is not a file")
+        files[key] = path
+    return TlsSettings(
+        port=_port(raw["port"], f"{where}.port"),
+        certificate=files["certificate"],
+        private_key=files["private_key"],
+        client_ca=files.get("client_ca"),
+    )
+
+
+def _parse_metrics(raw: Any, where: str) -> MetricsSettings:
+    _expect_mapping(raw, where)
+    _reject_unknown(raw, where, ("host", "port"))
+    defaults = MetricsSettings()
+    return MetricsSettings(
+        host=_host(raw.get("host", defaults.host), f"{where}.host"),
+        port=_port(raw.get("port", defaults.port), f"{where}.port"),
     )
 
 

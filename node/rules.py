@@ -49,7 +49,7 @@ def matches(match: Match, ds: Dataset, origin: Origin) -> bool:
         return False
     if match.called_ae_title and not _any_glob([origin.called_ae_title], match.called_ae_title):
         return False
-    if match.peer_networks and not _in_networks(origin.peer_address, match.peer_networks):
+    if match.peer_networks and not in_networks(origin.peer_address, match.peer_networks):
         return False
     return all(
         _any_glob(_attribute_texts(ds, keyword), patterns) for keyword, patterns in match.attributes
@@ -71,7 +71,7 @@ def _any_glob(values: list[str], patterns: tuple[str, ...]) -> bool:
     return any(fnmatchcase(v, p) for v in values for p in patterns)
 
 
-def _in_networks(address: str, networks: tuple[str, ...]) -> bool:
+def in_networks(address: str, networks: tuple[str, ...]) -> bool:
     try:
         ip = ipaddress.ip_address(address)
     except ValueError:

@@ -9,10 +9,12 @@ from __future__ import annotations
 import logging
 import socket
 import socketserver
+import ssl
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 from io import BytesIO
 from pathlib import Path
 from typing import Any
@@ -28,7 +30,10 @@ from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
-from node.config import NodeSettings
+from node.config import NodeSettings, TlsSettings
+from node.errors import StartupError
+from node.metrics import Metrics
+from node.rules import in_networks
 from node.spool import Arrival, Spool
 
 log = logging.getLogger("dicom_node.scp")
@@ -63,6 +68,8 @@ IMPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2"
 EXPLICIT_VR_BIG_ENDIAN = "1.2.840.10008.1.2.2"
 DEFLATED = "1.2.840.10008.1.2.1.99"
 SOP_INSTANCE_UID = 0x00080018
+CALLING_AE_NOT_RECOGNISED = 0x03
+CALLED_AE_NOT_RECOGNISED = 0x07
 _TRANSFER_SYNTAXES_NOT_SUPPORTED = 0x04
 
 Submit = Callable[[Path], None]
@@ -93,10 +100,10 @@ def build_ae(settings: NodeSettings) -> AE:
     ae = AE(ae_title=settings.ae_title)
     ae.maximum_pdu_size = settings.max_pdu
     ae.maximum_associations = settings.max_associations
-    ae.require_called_aet = False
-    ae.network_timeout = 60
-    ae.acse_timeout = 30
-    ae.dimse_timeout = 60
+    ae.require_called_aet = False  # checked by Gatekeeper, which logs the caller
+    ae.network_timeout = settings.network_timeout
+    ae.acse_timeout = settings.acse_timeout
+    ae.dimse_timeout = settings.dimse_timeout
     ae.add_supported_context(Verification, list(ACCEPTED_TRANSFER_SYNTAXES[:3]))
     return ae
 
@@ -168,15 +175,18 @@ class _Traffic:
 class AssociationLog:
     """One log line per association: peer, AE titles, instances, bytes, duration."""
 
-    def __init__(self) -> None:
+    def __init__(self, metrics: Metrics | None = None) -> None:
         self._lock = threading.Lock()
         self._open: dict[int, _Traffic] = {}
+        self._metrics = metrics
 
     def opened(self, event: Event) -> None:
         with self._lock:
             self._open[id(event.assoc)] = _Traffic()
 
-    def stored(self, event: Event, size: int, ok: bool) -> None:
+    def stored(self, event: Event, size: int, ok: bool, seconds: float) -> None:
+        if self._metrics is not None:
+            self._metrics.received(size, ok, seconds)
         with self._lock:
             traffic = self._open.setdefault(id(event.assoc), _Traffic())
             traffic.instances += ok
@@ -203,9 +213,73 @@ class AssociationLog:
         )
 
 
-def handlers(spool: Spool, submit: Submit) -> list[Any]:
-    associations = AssociationLog()
+class Gatekeeper:
+    """Refuses callers the config does not allow, with the A-ASSOCIATE-RJ reason that fits.
+
+    pynetdicom's own checks take exact AE titles only; sites list scanners by glob
+    (``CT_*``) and by network.
+    """
+
+    def __init__(self, settings: NodeSettings) -> None:
+        self.settings = settings
+
+    def check(self, event: Event) -> None:
+        request = event.assoc.requestor.primitive
+        calling = str(request.calling_ae_title).strip()
+        called = str(request.called_ae_title).strip()
+        address = str(event.assoc.requestor.address)
+        if self.settings.allow and not self.allowed(calling, address):
+            self._reject(
+                event,
+                CALLING_AE_NOT_RECOGNISED,
+                f"caller {calling!r} at {address} is not in node.allow",
+            )
+        elif self.settings.require_called_ae_title and called != self.settings.ae_title:
+            self._reject(
+                event,
+                CALLED_AE_NOT_RECOGNISED,
+                f"{calling!r} at {address} called {called!r}, not {self.settings.ae_title!r}",
+            )
+
+    def allowed(self, calling: str, address: str) -> bool:
+        return any(
+            (
+                not entry.calling_ae_title
+                or any(fnmatchcase(calling, p) for p in entry.calling_ae_title)
+            )
+            and (not entry.peer_networks or in_networks(address, entry.peer_networks))
+            for entry in self.settings.allow
+        )
+
+    @staticmethod
+    def _reject(event: Event, diagnostic: int, why: str) -> None:
+        log.warning("association rejected: %s", why)
+        # Rejected permanent, by the service user, with the diagnostic (PS3.8 9.3.4).
+        event.assoc.acse.send_reject(0x01, 0x01, diagnostic)
+        # As pynetdicom does after its own rejections: wait until the RJ is out.
+        event.assoc.kill()
+
+
+def server_tls_context(tls: TlsSettings) -> ssl.SSLContext:
+    """TLS 1.2 or newer (PS3.15 B.9, BCP 195); client certificates when a CA is given."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(tls.certificate, tls.private_key)
+        if tls.client_ca is not None:
+            context.load_verify_locations(tls.client_ca)
+            context.verify_mode = ssl.CERT_REQUIRED
+    except (OSError, ssl.SSLError) as exc:
+        raise StartupError(f"node.tls: cannot load certificate or key: {exc}") from exc
+    return context
+
+
+def handlers(
+    spool: Spool, submit: Submit, gatekeeper: Gatekeeper, metrics: Metrics | None = None
+) -> list[Any]:
+    associations = AssociationLog(metrics)
     return [
+        (evt.EVT_REQUESTED, gatekeeper.check),
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_C_STORE, handle_store, [spool, submit, associations]),
         (evt.EVT_ACCEPTED, lambda event: associations.opened(event)),
@@ -222,11 +296,12 @@ def handle_store(
     event: Event, spool: Spool, submit: Submit, associations: AssociationLog | None = None
 ) -> int | Dataset:
     """Make the data set durable in the spool, then answer; never decode it."""
+    started = time.perf_counter()
     request = event.request
     data = request.DataSet.getvalue() if request.DataSet is not None else b""
     status = store_durably(event, data, spool, submit)
     if associations is not None:
-        associations.stored(event, len(data), status == SUCCESS)
+        associations.stored(event, len(data), status == SUCCESS, time.perf_counter() - started)
     return status
 
 

@@ -4,17 +4,27 @@ from __future__ import annotations
 
 import logging
 import signal
+import ssl
 import threading
 import time
 from dataclasses import replace
+from http.server import ThreadingHTTPServer
 
 from pynetdicom import AE
 
 from node.config import Config, load_config
 from node.destinations import Runner, start_runners
 from node.errors import ConfigError, StartupError
+from node.metrics import Metrics, start_metrics
 from node.pipeline import Pipeline
-from node.scp import NoDelayAssociationServer, build_ae, enable_any_storage_class, handlers
+from node.scp import (
+    Gatekeeper,
+    NoDelayAssociationServer,
+    build_ae,
+    enable_any_storage_class,
+    handlers,
+    server_tls_context,
+)
 from node.spool import Spool
 from node.systemd import Notifier
 from node.workers import Outcome
@@ -31,11 +41,13 @@ class Node:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.spool = Spool(config.node.spool)
-        self.pipeline = Pipeline(config, self.spool, on_outcome=self._wake_runners)
+        self.pipeline = Pipeline(config, self.spool, on_outcome=self._routed)
         self.runners: dict[str, Runner] = {}
+        self.metrics = Metrics(self.pipeline.backlog, self._outbox_depths)
+        self.metrics_server: ThreadingHTTPServer | None = None
         self._ae: AE | None = None
-        self._server: NoDelayAssociationServer | None = None
-        self._serving: threading.Thread | None = None
+        self._gatekeeper: Gatekeeper | None = None
+        self._servers: list[NoDelayAssociationServer] = []
 
     def start(self) -> None:
         self.spool.create()
@@ -43,35 +55,66 @@ class Node:
         left_over = self.pipeline.start()
         if left_over:
             log.info("recovered %d instance(s) left in the spool by an earlier run", left_over)
+        if self.config.node.metrics is not None:
+            try:
+                self.metrics_server = start_metrics(self.config.node.metrics, self.metrics)
+            except OSError as exc:
+                self.pipeline.stop()
+                m = self.config.node.metrics
+                raise StartupError(
+                    f"node.metrics: cannot listen on {m.host}:{m.port}: {exc.strerror or exc}"
+                ) from exc
         enable_any_storage_class()
         settings = self.config.node
         self._ae = build_ae(settings)
-        try:
-            self._server = self._ae.make_server(
-                (settings.host, settings.port),
-                evt_handlers=handlers(self.spool, self.pipeline.submit),
-                server_class=NoDelayAssociationServer,
-            )
-        except OSError as exc:
-            self.pipeline.stop()
-            raise StartupError(
-                f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}"
-            ) from exc
-        self._serving = threading.Thread(
-            target=self._server.serve_forever, name="acceptor", daemon=True
-        )
-        self._serving.start()
-        host, port = self._server.server_address[:2]
+        self._gatekeeper = Gatekeeper(settings)
+        evt_handlers = handlers(self.spool, self.pipeline.submit, self._gatekeeper, self.metrics)
+        listeners: list[tuple[int, ssl.SSLContext | None]] = []
+        if settings.port is not None:
+            listeners.append((settings.port, None))
+        if settings.tls is not None:
+            listeners.append((settings.tls.port, server_tls_context(settings.tls)))
+        for port, tls in listeners:
+            self._listen(settings.host, port, tls, evt_handlers)
         log.info(
-            "ready: AE title %s listening on %s:%s (spool %s, %d workers)",
+            "ready: AE title %s listening on %s (spool %s, %d workers)",
             settings.ae_title,
-            host,
-            port,
+            ", ".join(self._addresses()),
             settings.spool,
             settings.worker_count,
         )
 
-    def _wake_runners(self, outcome: Outcome) -> None:
+    def _listen(self, host: str, port: int, tls: ssl.SSLContext | None, evt_handlers: list) -> None:
+        assert self._ae is not None
+        try:
+            server = self._ae.make_server(
+                (host, port),
+                evt_handlers=evt_handlers,
+                ssl_context=tls,
+                server_class=NoDelayAssociationServer,
+            )
+        except OSError as exc:
+            self.stop()
+            raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+        self._servers.append(server)
+        threading.Thread(target=server.serve_forever, name=f"acceptor-{port}", daemon=True).start()
+
+    def _addresses(self) -> list[str]:
+        out = []
+        for server in self._servers:
+            host, port = server.server_address[:2]
+            out.append(f"{host}:{port}" + (" (TLS)" if server.ssl_context else ""))
+        return out
+
+    def _outbox_depths(self) -> dict[str, int]:
+        return {
+            name: sum(1 for _ in self.spool.pending_dir(name).glob("*.dcm"))
+            for name in self.config.destinations
+            if self.spool.pending_dir(name).is_dir()
+        }
+
+    def _routed(self, outcome: Outcome) -> None:
+        self.metrics.routed_instance(outcome)
         for name in outcome.queued:
             runner = self.runners.get(name)
             if runner is not None:
@@ -79,15 +122,19 @@ class Node:
 
     def stop(self) -> None:
         """Stop accepting, let associations in progress finish, finish workers' jobs."""
-        if self._server is not None:
-            self._server.shutdown()
-            deadline = time.monotonic() + DRAIN_SECONDS
-            while self._server.active_associations and time.monotonic() < deadline:
-                time.sleep(0.05)
-            for assoc in self._server.active_associations:
+        for server in self._servers:
+            server.shutdown()
+        deadline = time.monotonic() + DRAIN_SECONDS
+        while self._busy_associations() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for server in self._servers:
+            for assoc in server.active_associations:
                 log.warning("aborting association with %s at shutdown", assoc.requestor.ae_title)
                 assoc.abort()
+        self._servers.clear()
         self.pipeline.stop()
+        if self.metrics_server is not None:
+            self.metrics_server.shutdown()
         for runner in self.runners.values():
             runner.stop()
         log.info("stopped; %d instance(s) wait in the spool", len(self.spool.list_incoming()))
@@ -99,9 +146,9 @@ class Node:
         except ConfigError as exc:
             log.error("reload refused, the running config stays: %s", exc)
             return
-        if config.node != self.config.node:
-            log.warning("reload: changes under node: take effect at the next restart")
-            config = replace(config, node=self.config.node)
+        config = self._keep_listening_settings(config)
+        if self._gatekeeper is not None:
+            self._gatekeeper.settings = config.node  # the next association sees it
         for runner in self.runners.values():
             runner.stop()
         self.config = config
@@ -114,6 +161,29 @@ class Node:
             len(config.destinations),
         )
 
+    def _busy_associations(self) -> list:
+        # A connection that never sent an A-ASSOCIATE-RQ (a port probe) has nothing to finish.
+        return [a for s in self._servers for a in s.active_associations if a.is_established]
+
+    def _keep_listening_settings(self, config: Config) -> Config:
+        """Node settings that a running process cannot change stay as they are."""
+        old, new = self.config.node, config.node
+        fixed = (
+            "ae_title",
+            "host",
+            "port",
+            "spool",
+            "workers",
+            "max_pdu",
+            "tls",
+            "metrics",
+            "log_format",
+        )
+        changed = [f for f in fixed if getattr(old, f) != getattr(new, f)]
+        if changed:
+            log.warning("reload: node.%s take effect at the next restart", ", node.".join(changed))
+        return replace(config, node=replace(new, **{f: getattr(old, f) for f in fixed}))
+
     def status_line(self) -> str:
         return f"{self.pipeline.backlog()} instance(s) waiting for workers"
 
@@ -124,18 +194,28 @@ def run_until_signalled(config: Config, config_path: str | None) -> None:
     notifier = Notifier()
     stopping = threading.Event()
     reloads = threading.Event()
+    wake = threading.Event()
 
     def request_stop(signum: int, _frame: object) -> None:
         log.info("received %s, shutting down", signal.Signals(signum).name)
         stopping.set()
+        wake.set()
+
+    def request_reload(_signum: int, _frame: object) -> None:
+        reloads.set()
+        wake.set()
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
-    signal.signal(signal.SIGHUP, lambda _s, _f: reloads.set())
+    signal.signal(signal.SIGHUP, request_reload)
     node.start()
     notifier.ready(node.status_line())
     tick = min(5.0, notifier.watchdog_interval or 5.0)
-    while not stopping.wait(tick):
+    while not stopping.is_set():
+        wake.wait(tick)
+        wake.clear()
+        if stopping.is_set():
+            break
         if reloads.is_set():
             reloads.clear()
             notifier.reloading()

@@ -38,7 +38,8 @@ def target_path(dest: FolderDestination, ds: Dataset) -> Path:
     root = dest.path.resolve()
     path = (root / relative).resolve()
     if not path.is_relative_to(root) or path == root:
-        raise UnsafePathError(f"layout {dest.layout!r} gave {relative!r}, outside {root}")
+        # The values are not quoted: they may hold patient identifiers.
+        raise UnsafePathError(f"layout {dest.layout!r} gave a path outside {root}")
     return path
 
 

@@ -1,0 +1,212 @@
+"""Running the node as hospital IT does: access control, TLS, reload, metrics, JSON logs."""
+
+from __future__ import annotations
+
+import json
+import signal
+import ssl
+import subprocess
+import textwrap
+import urllib.request
+from pathlib import Path
+
+import pydicom
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification
+
+from tests import images
+from tests.conftest import dcmtk, free_port, storescu, wait_for_port
+
+EXPLICIT_LE = "1.2.840.10008.1.2.1"
+
+
+def node_config(root: Path, port: int, node_extra: str = "", rules: str | None = None) -> str:
+    rules = rules or """
+  - name: everything
+    compress: {transfer_syntax: jpeg-ls-lossless}
+    send_to: [archive]
+"""
+    return textwrap.dedent(f"""
+    node:
+      ae_title: TEST-NODE
+      host: 127.0.0.1
+      port: {port}
+      spool: {root / "spool"}
+      workers: 1
+    """) + textwrap.indent(textwrap.dedent(node_extra), "  ") + textwrap.dedent(f"""
+    destinations:
+      archive: {{type: folder, path: {root / "archive"}}}
+    rules:
+    """) + textwrap.dedent(rules).strip("\n") + "\n"
+
+
+def echo(port: int, calling: str, called: str = "TEST-NODE", tls: ssl.SSLContext | None = None):
+    ae = AE(ae_title=calling)
+    ae.add_requested_context(Verification)
+    kwargs = {"tls_args": (tls, "127.0.0.1")} if tls else {}
+    return ae.associate("127.0.0.1", port, ae_title=called, **kwargs)
+
+
+def rejection(assoc) -> tuple[int, int, int]:
+    primitive = assoc.acceptor.primitive
+    return primitive.result, primitive.result_source, primitive.diagnostic
+
+
+def test_allow_list_rejects_unknown_callers_with_the_right_reason(nodes, tmp_path) -> None:
+    root, port = tmp_path / "n", free_port()
+    root.mkdir()
+    node = nodes.start(
+        node_config(root, port, """
+        allow:
+          - {calling_ae_title: "CT_*", peer_address: 127.0.0.0/8}
+          - {calling_ae_title: ARCHIVE_QA}
+        require_called_ae_title: true
+        """),
+        root=root, port=port,
+    )
+    ok = echo(port, "CT_SCANNER7")
+    assert ok.is_established
+    assert ok.send_c_echo().Status == 0x0000
+    ok.release()
+    assert echo(port, "ARCHIVE_QA").is_established
+
+    stranger = echo(port, "MR_UNKNOWN")
+    assert stranger.is_rejected
+    assert rejection(stranger) == (0x01, 0x01, 0x03)  # permanent, calling AE not recognised
+
+    wrong_called = echo(port, "CT_1", called="SOMEONE_ELSE")
+    assert wrong_called.is_rejected
+    assert rejection(wrong_called) == (0x01, 0x01, 0x07)  # called AE not recognised
+
+    log = node.log_text()
+    assert "association rejected: caller 'MR_UNKNOWN' at 127.0.0.1 is not in node.allow" in log
+    assert "called 'SOMEONE_ELSE'" in log
+
+    # DCMTK sees the same answer.
+    result = subprocess.run([dcmtk("echoscu"), "-aet", "NOPE", "-aec", "TEST-NODE", "127.0.0.1",
+                             str(port)], capture_output=True, text=True, timeout=30)
+    assert result.returncode != 0
+    assert "Calling AE Title Not Recognized" in result.stdout + result.stderr
+
+
+def make_certificates(folder: Path) -> dict[str, Path]:
+    """A CA, a server certificate for 127.0.0.1, and a client certificate, all signed by it."""
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def run(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=folder)
+
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt",
+        "-days", "2", "-subj", "/CN=test-ca")
+    for name in ("server", "client"):
+        run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out",
+            f"{name}.csr", "-subj", f"/CN={name}")
+        (folder / f"{name}.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+            "-CAcreateserial", "-out", f"{name}.crt", "-days", "2", "-extfile", f"{name}.ext")
+    return {p.stem + p.suffix: p for p in folder.iterdir()}
+
+
+def test_tls_port_requires_a_client_certificate(nodes, tmp_path) -> None:
+    certs = make_certificates(tmp_path / "pki")
+    root, port, tls_port = tmp_path / "n", free_port(), free_port()
+    root.mkdir()
+    node = nodes.start(
+        node_config(root, port, f"""
+        tls:
+          port: {tls_port}
+          certificate: {certs["server.crt"]}
+          private_key: {certs["server.key"]}
+          client_ca: {certs["ca.crt"]}
+        """),
+        root=root, port=port,
+    )
+    wait_for_port(tls_port)
+    assert f"127.0.0.1:{tls_port} (TLS)" in node.log_text()
+
+    client = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=certs["ca.crt"])
+    client.load_cert_chain(certs["client.crt"], certs["client.key"])
+    ds = images.make_ct(rows=32, cols=32, seed=21)
+    ae = AE(ae_title="TLS_SCU")
+    ae.add_requested_context(ds.SOPClassUID, EXPLICIT_LE)
+    assoc = ae.associate("127.0.0.1", tls_port, ae_title="TEST-NODE", tls_args=(client, "127.0.0.1"))
+    assert assoc.is_established
+    assert assoc.send_c_store(ds).Status == 0x0000
+    assoc.release()
+    [out] = node.wait_archived(1)
+    assert pydicom.dcmread(out).SOPInstanceUID == ds.SOPInstanceUID
+
+    anonymous = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=certs["ca.crt"])
+    refused = echo(tls_port, "NO_CERT", tls=anonymous)
+    assert not refused.is_established
+    assert node.proc.poll() is None  # the node stays up
+
+
+def test_sighup_applies_a_valid_config_and_keeps_the_old_on_error(nodes, tmp_path) -> None:
+    root, port = tmp_path / "n", free_port()
+    root.mkdir()
+    node = nodes.start(node_config(root, port), root=root, port=port)
+    config = node.config
+    # An invalid config: logged with its place, the running one stays.
+    config.write_text(config.read_text().replace("jpeg-ls-lossless", "jpeg-xx"))
+    node.proc.send_signal(signal.SIGHUP)
+    node.wait_until(lambda: "reload refused" in node.log_text(), 20, "the refusal")
+    assert "rules[0].compress.transfer_syntax: 'jpeg-xx'" in node.log_text()
+    ds1 = images.make_ct(rows=32, cols=32, seed=31)
+    storescu(port, [_write(ds1, tmp_path, "a.dcm")])
+    [first] = node.wait_archived(1)
+    assert pydicom.dcmread(first).file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.80"
+    # A valid one applies to the next instance.
+    config.write_text(config.read_text().replace("jpeg-xx", "rle-lossless"))
+    node.proc.send_signal(signal.SIGHUP)
+    node.wait_until(lambda: "reloaded" in node.log_text(), 20, "the reload")
+    ds2 = images.make_ct(rows=32, cols=32, seed=32)
+    storescu(port, [_write(ds2, tmp_path, "b.dcm")])
+    archived = {pydicom.dcmread(p).SOPInstanceUID: p for p in node.wait_archived(2)}
+    second = pydicom.dcmread(archived[ds2.SOPInstanceUID])
+    assert second.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.5"
+    assert node.proc.poll() is None
+
+
+def test_metrics_healthz_and_json_logs(nodes, tmp_path) -> None:
+    root, port, metrics_port = tmp_path / "n", free_port(), free_port()
+    root.mkdir()
+    node = nodes.start(
+        node_config(root, port, f"""
+        log_format: json
+        metrics: {{host: 127.0.0.1, port: {metrics_port}}}
+        """),
+        root=root, port=port,
+    )
+    wait_for_port(metrics_port)
+    ds = images.make_ct(rows=64, cols=64, seed=41)
+    ds.PatientName = "Doe^Secret"
+    ds.PatientID = "PID-SECRET-42"
+    storescu(port, [_write(ds, tmp_path, "m.dcm")])
+    node.wait_archived(1)
+    node.wait_until(lambda: "dicom_node_instances_routed_total{" in _get(metrics_port, "/metrics"),
+                    20, "the routed counter")
+    text = _get(metrics_port, "/metrics")
+    assert 'dicom_node_instances_received_total{result="stored"} 1.0' in text
+    assert "dicom_node_cstore_response_seconds_count 1.0" in text
+    assert 'transfer_syntax="1.2.840.10008.1.2.4.80"' in text
+    assert "dicom_node_backlog 0.0" in text
+    assert _get(metrics_port, "/healthz") == "ok\n"
+
+    node.stop()
+    lines = [json.loads(line) for line in node.log_text().splitlines() if line.startswith("{")]
+    assert any("ready: AE title TEST-NODE" in e["message"] for e in lines)
+    assert any(e["message"].startswith("association released: STORESCU") for e in lines)
+    # No patient identifiers in the log at the default level.
+    assert "PID-SECRET-42" not in node.log_text() and "Secret" not in node.log_text()
+
+
+def _get(port: int, path: str) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
+        return response.read().decode()
+
+
+def _write(ds: pydicom.Dataset, folder: Path, name: str) -> Path:
+    path = folder / name
+    ds.save_as(path, enforce_file_format=True)
+    return path
