@@ -129,6 +129,7 @@ class NodeSettings:
     acse_timeout: float = 30.0
     dimse_timeout: float = 60.0
     network_timeout: float = 60.0
+    min_free_space: int = 64 * 1024 * 1024  # bytes the spool keeps free; below it: A700
 
     @property
     def worker_count(self) -> int:
@@ -203,6 +204,7 @@ def _parse_node(raw: Any, base_dir: Path) -> NodeSettings:
             "acse_timeout",
             "dimse_timeout",
             "network_timeout",
+            "min_free_space",
         ),
     )
     defaults = NodeSettings()
@@ -242,6 +244,9 @@ def _parse_node(raw: Any, base_dir: Path) -> NodeSettings:
         ),
         network_timeout=_duration(
             raw.get("network_timeout", defaults.network_timeout), f"{where}.network_timeout"
+        ),
+        min_free_space=_bytes(
+            raw.get("min_free_space", defaults.min_free_space), f"{where}.min_free_space"
         ),
         spool=_path(raw.get("spool", str(defaults.spool)), f"{where}.spool", base_dir),
         workers=workers,
@@ -481,7 +486,17 @@ def _parse_compress(raw: Any, where: str, new_uid_default: bool) -> CompressSpec
     _reject_unknown(
         raw,
         where,
-        ("transfer_syntax", "plugin", "max_error", "compression_ratio", "psnr", "new_uid_on_lossy"),
+        (
+            "transfer_syntax",
+            "plugin",
+            "max_error",
+            "compression_ratio",
+            "psnr",
+            "quality",
+            "new_uid_on_lossy",
+            "verify",
+            "allow_lossy_recompression",
+        ),
     )
     if "transfer_syntax" not in raw:
         raise ConfigError(f"{where}.transfer_syntax: required; known: {', '.join(known_names())}")
@@ -491,7 +506,7 @@ def _parse_compress(raw: Any, where: str, new_uid_default: bool) -> CompressSpec
             f"{where}.transfer_syntax: {raw['transfer_syntax']!r} is not a known transfer syntax; "
             f"known: {', '.join(known_names())}"
         )
-    for param in ("max_error", "compression_ratio", "psnr"):
+    for param in ("max_error", "compression_ratio", "psnr", "quality"):
         if param in raw and param not in info.parameters:
             allowed = ", ".join(info.parameters) or "none"
             raise ConfigError(
@@ -509,6 +524,9 @@ def _parse_compress(raw: Any, where: str, new_uid_default: bool) -> CompressSpec
             compression_ratio = _number(raw["compression_ratio"], f"{where}.compression_ratio", 1.0)
         else:
             psnr = _number(raw["psnr"], f"{where}.psnr", minimum=1.0)
+    quality = None
+    if "quality" in raw:  # jpeg-baseline; the codec's default (90) otherwise
+        quality = _int(raw["quality"], f"{where}.quality", minimum=1, maximum=100)
     plugin = raw.get("plugin")
     if plugin is not None:
         plugin = str(plugin)
@@ -521,8 +539,13 @@ def _parse_compress(raw: Any, where: str, new_uid_default: bool) -> CompressSpec
         max_error=max_error,
         compression_ratio=compression_ratio,
         psnr=psnr,
+        quality=quality,
         new_uid_on_lossy=_bool(
             raw.get("new_uid_on_lossy", new_uid_default), f"{where}.new_uid_on_lossy"
+        ),
+        verify_lossless=_bool(raw.get("verify", False), f"{where}.verify"),
+        allow_lossy_recompression=_bool(
+            raw.get("allow_lossy_recompression", False), f"{where}.allow_lossy_recompression"
         ),
     )
 
@@ -647,6 +670,30 @@ def _duration(value: Any, where: str) -> float:
     if seconds <= 0:
         raise ConfigError(f"{where}: must be longer than zero")
     return seconds
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)?\s*$", re.IGNORECASE)
+_UNIT_BYTES = {
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
+
+
+def _bytes(value: Any, where: str) -> int:
+    """Bytes from ``1048576``, ``512MB`` or ``2GiB``."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    m = _SIZE.match(str(value))
+    if not m:
+        raise ConfigError(f"{where}: {value!r} is not a size; use e.g. 0, 512MB, 2GiB")
+    return int(float(m.group(1)) * _UNIT_BYTES[(m.group(2) or "b").lower()])
 
 
 def _patterns(value: Any, where: str) -> tuple[str, ...]:

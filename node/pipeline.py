@@ -24,6 +24,8 @@ log = logging.getLogger("dicom_node.pipeline")
 
 # An instance that kills its worker this many times is quarantined, not retried forever.
 MAX_CRASHES = 3
+# Pause before trying again an instance whose processing hit an OSError (disk full).
+RETRY_SECONDS = 10.0
 
 
 class Pipeline:
@@ -93,7 +95,9 @@ class Pipeline:
     def _warm_up(self) -> None:
         # Start every worker now (the pool starts them on demand) so that the first
         # instances do not wait for interpreter start-up and codec imports.
-        for future in [self._executor.submit(warm_up) for _ in range(self.config.node.worker_count)]:
+        for future in [
+            self._executor.submit(warm_up) for _ in range(self.config.node.worker_count)
+        ]:
             future.result()
 
     def _drain_queue(self) -> None:
@@ -127,6 +131,12 @@ class Pipeline:
         except BrokenProcessPool:
             self._worker_died(path, executor)
             outcome = None
+        except OSError as exc:  # disk full, I/O error: the instance is fine, the disk is not
+            log.error(
+                "%s: %s; it stays in incoming/, next try in %.0fs", path.name, exc, RETRY_SECONDS
+            )
+            self._retry_later(path)
+            outcome = None
         except Exception as exc:  # a bug in our code: keep the file, say so, go on
             log.exception("processing %s failed; it stays in the spool", path.name)
             self._keep_after_error(path, f"processing failed: {type(exc).__name__}: {exc}")
@@ -139,6 +149,11 @@ class Pipeline:
         with self._idle:
             if self._queue.empty() and not self._in_flight:
                 self._idle.notify_all()
+
+    def _retry_later(self, path: Path) -> None:
+        timer = threading.Timer(RETRY_SECONDS, self._queue.put, [path])
+        timer.daemon = True
+        timer.start()
 
     def _worker_died(self, path: Path, executor: ProcessPoolExecutor) -> None:
         crashes = self._crashes.get(path, 0) + 1

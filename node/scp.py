@@ -99,7 +99,11 @@ def build_ae(settings: NodeSettings) -> AE:
     """An AE that accepts every storage SOP class (known, private or future) and C-ECHO."""
     ae = AE(ae_title=settings.ae_title)
     ae.maximum_pdu_size = settings.max_pdu
-    ae.maximum_associations = settings.max_associations
+    # pynetdicom counts every open connection, including ones that never sent an
+    # A-ASSOCIATE-RQ and wait out the ACSE timeout (a port probe, a PDU that declares
+    # 2 GB and closes): 10 of those locked everyone out. Gatekeeper counts only
+    # negotiated associations against node.max_associations; this is a backstop.
+    ae.maximum_associations = 64 * settings.max_associations
     ae.require_called_aet = False  # checked by Gatekeeper, which logs the caller
     ae.network_timeout = settings.network_timeout
     ae.acse_timeout = settings.acse_timeout
@@ -228,7 +232,18 @@ class Gatekeeper:
         calling = str(request.calling_ae_title).strip()
         called = str(request.called_ae_title).strip()
         address = str(event.assoc.requestor.address)
-        if self.settings.allow and not self.allowed(calling, address):
+        if self._established(event) >= self.settings.max_associations:
+            log.warning(
+                "association rejected: %d associations in progress (node.max_associations); "
+                "%r at %s may try again",
+                self.settings.max_associations,
+                calling,
+                address,
+            )
+            # Rejected transient, by the presentation service provider: local limit exceeded.
+            event.assoc.acse.send_reject(0x02, 0x03, 0x02)
+            event.assoc.kill()
+        elif self.settings.allow and not self.allowed(calling, address):
             self._reject(
                 event,
                 CALLING_AE_NOT_RECOGNISED,
@@ -240,6 +255,12 @@ class Gatekeeper:
                 CALLED_AE_NOT_RECOGNISED,
                 f"{calling!r} at {address} called {called!r}, not {self.settings.ae_title!r}",
             )
+
+    @staticmethod
+    def _established(event: Event) -> int:
+        return sum(
+            1 for a in event.assoc.ae.active_associations if a.is_acceptor and a.is_established
+        )
 
     def allowed(self, calling: str, address: str) -> bool:
         return any(

@@ -40,7 +40,7 @@ class Node:
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.spool = Spool(config.node.spool)
+        self.spool = Spool(config.node.spool, config.node.min_free_space)
         self.pipeline = Pipeline(config, self.spool, on_outcome=self._routed)
         self.runners: dict[str, Runner] = {}
         self.metrics = Metrics(self.pipeline.backlog, self._outbox_depths)

@@ -7,7 +7,6 @@ Layout below the spool root::
     quarantine/<id>.dcm + <id>.txt     could not be read or processed (kept, with the reason)
     destinations/<name>/pending/<id>.dcm (+ <id>.json)   waiting for (re)delivery
     destinations/<name>/failed/<id>.dcm + <id>.json      given up on, with the reason
-    work/                              workers' scratch space (same file system)
 
 An ``<id>`` sorts in arrival order. A file in ``incoming/`` is removed only after
 every destination of its rule has the result or holds it in its ``pending/`` folder.
@@ -15,9 +14,9 @@ every destination of its rule has the result or holds it in its ``pending/`` fol
 
 from __future__ import annotations
 
+import errno
 import itertools
 import os
-import shutil
 import struct
 import time
 from collections.abc import Iterable
@@ -48,27 +47,22 @@ class Arrival:
 class Spool:
     """The spool folder; one instance per process."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, min_free: int = 0) -> None:
         self.root = root
+        # Room kept free for the workers (their outboxes live here too).
+        self.min_free = min_free
         self.incoming = root / "incoming"
         self.unrouted = root / "unrouted"
         self.quarantine = root / "quarantine"
         self.destinations = root / "destinations"
-        self.work = root / "work"
         self._counter = itertools.count()
 
     def create(self) -> None:
         """Create the folders; raise :class:`SpoolError` if the spool is not usable."""
         try:
-            for folder in (
-                self.incoming,
-                self.unrouted,
-                self.quarantine,
-                self.destinations,
-                self.work,
-            ):
+            for folder in (self.incoming, self.unrouted, self.quarantine, self.destinations):
                 makedirs_durably(folder)
-            probe = self.work / f".probe-{os.getpid()}"
+            probe = self.incoming / f".probe-{os.getpid()}"
             write_durably(probe, [b"ok"])
             probe.unlink()
         except OSError as exc:
@@ -93,9 +87,21 @@ class Spool:
 
         Raises OSError (disk full, permission): the caller answers Out of Resources.
         """
+        self._check_room()
         path = self.incoming / f"{self.new_id()}.dcm"
         write_durably(path, [PREAMBLE, encode_file_meta(arrival), *dataset])
         return path
+
+    def _check_room(self) -> None:
+        if not self.min_free:
+            return
+        stat = os.statvfs(self.incoming)
+        if stat.f_bavail * stat.f_frsize < self.min_free:
+            raise OSError(
+                errno.ENOSPC,
+                f"No space left on device: spool has less than node.min_free_space "
+                f"({self.min_free} bytes) free",
+            )
 
     def list_incoming(self) -> list[Path]:
         return sorted(p for p in self.incoming.glob("*.dcm") if not p.name.startswith("."))
@@ -110,12 +116,11 @@ class Spool:
 
     def _remove_partial_writes(self) -> None:
         """Drop temp files of writes a crash interrupted; they were never acknowledged."""
-        for folder in (self.incoming, self.work):
-            for tmp in folder.glob(f".*{TMP_SUFFIX}"):
-                tmp.unlink(missing_ok=True)
-        for child in self.work.iterdir():
-            if child.is_dir():
-                shutil.rmtree(child, ignore_errors=True)
+        for tmp in [
+            *self.incoming.glob(f".*{TMP_SUFFIX}"),
+            *self.destinations.glob(f"*/*/.*{TMP_SUFFIX}"),
+        ]:
+            tmp.unlink(missing_ok=True)
 
 
 # ------------------------------------------------------------------ file meta, by hand

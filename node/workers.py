@@ -20,7 +20,7 @@ from node.codecs import compress_dataset
 from node.codecs.base import CompressResult
 from node.config import Config, DicomDestination, FolderDestination, Rule
 from node.destinations import folder
-from node.fsutil import link_or_copy_durably, write_durably
+from node.fsutil import link_or_copy_durably, makedirs_durably, write_durably
 from node.rules import Origin, first_match
 from node.spool import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, Spool
 
@@ -101,29 +101,41 @@ def _apply_rule(rule: Rule, ds: Dataset) -> CompressResult:
 def _hand_over(
     config: Config, spool: Spool, rule: Rule, ds: Dataset, incoming: Path, outcome: Outcome
 ) -> None:
-    """Write the result once, then give every destination its copy (or queue it)."""
-    encoded = spool.work / f"{incoming.stem}.dcm"
+    """Give every destination its copy (written once, then linked), or queue it.
+
+    The first copy goes straight to its final place, so a full spool does not stop
+    delivery to an archive on another disk. An OSError here (disk full) leaves the
+    incoming file in place; the pipeline tries again later.
+    """
     data = encode_part10(ds)
     outcome.bytes_out = len(data)
-    write_durably(encoded, [data], sync_dir=False)
-    try:
-        for name in rule.send_to:
-            dest = config.destinations[name]
-            if isinstance(dest, FolderDestination):
-                try:
-                    folder.deliver(dest, ds, encoded)
-                    outcome.delivered.append(name)
-                    continue
-                except (OSError, folder.UnsafePathError) as exc:
-                    outcome.errors.append(f"{name}: {exc}; queued for retry")
-            elif not isinstance(dest, DicomDestination):
-                raise TypeError(f"unknown destination type {type(dest).__name__}")
-            pending = spool.pending_dir(name)
-            pending.mkdir(parents=True, exist_ok=True)
-            link_or_copy_durably(encoded, pending / incoming.name)
-            outcome.queued.append(name)
-    finally:
-        encoded.unlink(missing_ok=True)
+    written: Path | None = None
+
+    def put(path: Path) -> None:
+        nonlocal written
+        if written is None:
+            write_durably(path, [data])
+            written = path
+        else:
+            link_or_copy_durably(written, path)
+
+    for name in rule.send_to:
+        dest = config.destinations[name]
+        if isinstance(dest, FolderDestination):
+            try:
+                target = folder.target_path(dest, ds)
+                makedirs_durably(target.parent)
+                put(target)
+                outcome.delivered.append(name)
+                continue
+            except (OSError, folder.UnsafePathError) as exc:
+                outcome.errors.append(f"{name}: {exc}; queued for retry")
+        elif not isinstance(dest, DicomDestination):
+            raise TypeError(f"unknown destination type {type(dest).__name__}")
+        pending = spool.pending_dir(name)
+        makedirs_durably(pending)
+        put(pending / incoming.name)
+        outcome.queued.append(name)
     # Every destination has it or holds it in its outbox: the incoming copy can go.
     incoming.unlink()
 
