@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
+from typing import TYPE_CHECKING
 
 from node import __version__
 from node.config import Config, DicomDestination, FolderDestination, load_config
-from node.errors import NodeError
+from node.errors import ConfigError, NodeError
+
+if TYPE_CHECKING:
+    from node.outbox import Outbox
+
+# How many retrying and failed instances `dicom-node queue` lists per destination.
+SHOWN = 20
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,15 +53,65 @@ def _parser() -> argparse.ArgumentParser:
     )
     check.add_argument("path", metavar="PATH")
     check.set_defaults(handler=_check_config)
+
+    queue = commands.add_parser(
+        "queue", help="show each destination's outbox (pending, retrying, failed)"
+    )
+    queue.add_argument("--config", metavar="PATH", help="YAML config (default: embedded)")
+    queue.set_defaults(handler=_queue)
+    queue_actions = queue.add_subparsers(dest="queue_action", metavar="ACTION")
+    retry = queue_actions.add_parser(
+        "retry", help="move failed instances of a destination back to pending"
+    )
+    retry.add_argument("destination", metavar="DESTINATION")
+    retry.add_argument("uids", nargs="*", metavar="SOP_INSTANCE_UID")
+    retry.add_argument("--all", action="store_true", help="retry every failed instance")
+    # SUPPRESS: otherwise the sub-command's default would hide `queue --config PATH`.
+    retry.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS)
+    retry.set_defaults(handler=_queue_retry)
+
+    echo = commands.add_parser(
+        "echo", help="C-ECHO a dicom destination and list the transfer syntaxes it accepts"
+    )
+    echo.add_argument("destination", metavar="DESTINATION")
+    echo.add_argument("--config", metavar="PATH", help="YAML config (default: embedded)")
+    echo.add_argument(
+        "--sop-class",
+        metavar="UID",
+        default="1.2.840.10008.5.1.4.1.1.2",
+        help="SOP class to ask about (default: CT Image Storage)",
+    )
+    echo.set_defaults(handler=_echo)
+
+    codecs = commands.add_parser(
+        "codecs",
+        help="list the transfer syntaxes this node can write, their encoders, speed and ratio",
+    )
+    codecs.add_argument(
+        "--seconds",
+        type=float,
+        default=0.5,
+        metavar="S",
+        help="time spent timing each encoder (default: 0.5)",
+    )
+    codecs.set_defaults(handler=_codecs)
     return parser
 
 
 def _run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
-    _setup_logging(config.node.log_level)
+    _setup_logging(config.node.log_level, config.node.log_format)
     from node.service import run_until_signalled  # pynetdicom is slow to import
 
     run_until_signalled(config, args.config)
+    return 0
+
+
+def _codecs(args: argparse.Namespace) -> int:
+    # Imported late: it loads every encoder package.
+    from node.codecs.bench import format_table, run
+
+    print(format_table(run(seconds=args.seconds)))
     return 0
 
 
@@ -61,6 +119,128 @@ def _check_config(args: argparse.Namespace) -> int:
     config = load_config(args.path)
     print(describe(config))
     return 0
+
+
+def _queue(args: argparse.Namespace) -> int:
+    from node.outbox import Outbox
+    from node.spool import Spool
+
+    config = load_config(args.config)
+    spool = Spool(config.node.spool)
+    blocks = [
+        _describe_outbox(name, dest, Outbox(spool, name))
+        for name, dest in config.destinations.items()
+    ]
+    print("\n".join(blocks) if blocks else "no destinations")
+    return 0
+
+
+def _describe_outbox(name: str, dest: DicomDestination | FolderDestination, outbox: Outbox) -> str:
+    import time
+
+    from node.outbox import sop_instance_uid_of
+
+    now = time.time()
+    pending = outbox.list_pending()
+    retrying = [p for p in pending if p.state.attempts]
+    failed = outbox.list_failed()
+    where = (
+        f"dicom {dest.ae_title}@{dest.host}:{dest.port}"
+        if isinstance(dest, DicomDestination)
+        else f"folder {dest.path}"
+    )
+    lines = [
+        f"{name} ({where}): {len(pending) - len(retrying)} pending, {len(retrying)} retrying, "
+        f"{len(failed)} failed"
+    ]
+    peer = outbox.read_peer()
+    if peer.failures:
+        lines.append(
+            f"  peer unreachable since {_when(peer.down_since or now)}, {peer.failures} failed "
+            f"attempt(s), next at {_when(peer.next_attempt, now)}: {peer.last_error}"
+        )
+    for item in retrying[:SHOWN]:
+        state = item.state
+        lines.append(
+            f"  retrying {sop_instance_uid_of(item.path) or item.id}: attempt {state.attempts}, "
+            f"next at {_when(state.next_attempt, now)}: {state.last_error}"
+        )
+    if len(retrying) > SHOWN:
+        lines.append(f"  ... and {len(retrying) - SHOWN} more retrying")
+    for item in failed[:SHOWN]:
+        info = item.info
+        status = f" status {info['status']}" if info.get("status") else ""
+        comment = f" ({info['error_comment']})" if info.get("error_comment") else ""
+        lines.append(
+            f"  failed {item.sop_instance_uid or item.id}:{status}{comment} at "
+            f"{_when(info.get('time') or now)} after {info.get('attempts', 0)} attempt(s): "
+            f"{info.get('error', 'reason unknown')}"
+        )
+    if len(failed) > SHOWN:
+        lines.append(f"  ... and {len(failed) - SHOWN} more failed")
+    return "\n".join(lines)
+
+
+def _when(seconds: float, now: float | None = None) -> str:
+    import time
+
+    text = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(seconds))
+    if now is not None:
+        delta = seconds - now
+        text += f" (in {delta:.0f} s)" if delta > 0 else " (due)"
+    return text
+
+
+def _queue_retry(args: argparse.Namespace) -> int:
+    from node.errors import OutboxError
+    from node.outbox import Outbox
+    from node.spool import Spool
+
+    config = load_config(getattr(args, "config", None))
+    _destination(config, args.destination)
+    if args.all == bool(args.uids):
+        raise OutboxError("queue retry: name SOP Instance UIDs or give --all (not both)")
+    outbox = Outbox(Spool(config.node.spool), args.destination)
+    ids = outbox.failed_ids() if args.all else outbox.failed_ids_for(args.uids)
+    moved = outbox.retry(ids)
+    print(
+        f"{args.destination}: {len(moved)} instance(s) moved back to pending; a running node "
+        "picks them up within seconds"
+    )
+    return 0
+
+
+def _echo(args: argparse.Namespace) -> int:
+    from node.destinations.dicom import echo
+    from node.scp import ACCEPTED_TRANSFER_SYNTAXES
+
+    config = load_config(args.config)
+    dest = _destination(config, args.destination)
+    if not isinstance(dest, DicomDestination):
+        raise ConfigError(f"destinations.{args.destination}: a folder destination cannot be echoed")
+    report = echo(dest, args.sop_class, ACCEPTED_TRANSFER_SYNTAXES)
+    sop = report.sop_class
+    print(
+        f"{args.destination}: C-ECHO to {dest.ae_title}@{dest.host}:{dest.port} succeeded "
+        f"in {report.seconds * 1000:.0f} ms"
+    )
+    if not report.accepted:
+        print(f"  {sop.name} ({sop}): not accepted with any transfer syntax")
+        return 0
+    print(f"  {sop.name} ({sop}) accepted as:")
+    print("\n".join(f"    {ts} {ts.name}" for ts in report.accepted))
+    if report.refused:
+        print("  not accepted: " + ", ".join(ts.name for ts in report.refused))
+    return 0
+
+
+def _destination(config: Config, name: str) -> DicomDestination | FolderDestination:
+    if name not in config.destinations:
+        raise ConfigError(
+            f"{name!r} is not a destination of {config.source}; defined: "
+            f"{', '.join(config.destinations) or '(none)'}"
+        )
+    return config.destinations[name]
 
 
 def describe(config: Config) -> str:
@@ -104,12 +284,28 @@ def describe(config: Config) -> str:
     return "\n".join(lines)
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line, for log shippers."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def _setup_logging(level: str, log_format: str = "text") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=getattr(logging, level), handlers=[handler])
     # pynetdicom logs every PDU at INFO; keep its own chatter at warnings.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
 

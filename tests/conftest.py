@@ -26,7 +26,9 @@ ROOT = Path(__file__).resolve().parent.parent
 def dcmtk(tool: str) -> str:
     path = DCMTK_BIN / tool
     if not path.exists():
-        pytest.fail(f"DCMTK's {tool} is not installed at {path}: run .ci/run or apt-get install dcmtk")
+        pytest.fail(
+            f"DCMTK's {tool} is not installed at {path}: run .ci/run or apt-get install dcmtk"
+        )
     return str(path)
 
 
@@ -102,14 +104,19 @@ class RunningNode:
         return self.proc.returncode
 
 
-def default_config(root: Path, port: int, rules: str | None = None, extra_destinations: str = "",
-                   workers: int = 2) -> str:
-    rules = rules or """
+def default_config(
+    root: Path, port: int, rules: str | None = None, extra_destinations: str = "", workers: int = 2
+) -> str:
+    rules = (
+        rules
+        or """
       - name: everything
         compress: { transfer_syntax: jpeg-ls-lossless }
         send_to: [archive]
     """
-    return textwrap.dedent(f"""
+    )
+    return (
+        textwrap.dedent(f"""
     node:
       ae_title: TEST-NODE
       host: 127.0.0.1
@@ -121,9 +128,12 @@ def default_config(root: Path, port: int, rules: str | None = None, extra_destin
       archive:
         type: folder
         path: {root / "archive"}
-    """) + textwrap.indent(textwrap.dedent(extra_destinations), "  ") + "rules:\n" + textwrap.indent(
-        textwrap.dedent(rules).strip("\n"), "  "
-    ) + "\n"
+    """)
+        + textwrap.indent(textwrap.dedent(extra_destinations), "  ")
+        + "rules:\n"
+        + textwrap.indent(textwrap.dedent(rules).strip("\n"), "  ")
+        + "\n"
+    )
 
 
 class NodeFactory:
@@ -131,9 +141,16 @@ class NodeFactory:
         self.tmp_path = tmp_path
         self.nodes: list[RunningNode] = []
 
-    def start(self, config_text: str | None = None, *, rules: str | None = None,
-              root: Path | None = None, port: int | None = None, extra_destinations: str = "",
-              workers: int = 2) -> RunningNode:
+    def start(
+        self,
+        config_text: str | None = None,
+        *,
+        rules: str | None = None,
+        root: Path | None = None,
+        port: int | None = None,
+        extra_destinations: str = "",
+        workers: int = 2,
+    ) -> RunningNode:
         root = root or self.tmp_path / f"node{len(self.nodes)}"
         root.mkdir(parents=True, exist_ok=True)
         port = port or free_port()
@@ -144,7 +161,9 @@ class NodeFactory:
         with open(log, "ab") as out:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "node.cli", "run", "--config", str(config)],
-                stdout=out, stderr=subprocess.STDOUT, cwd=root,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=root,
             )
         node = RunningNode(proc=proc, port=port, root=root, config=config, log=log)
         self.nodes.append(node)
@@ -166,13 +185,31 @@ def nodes(tmp_path: Path) -> Iterator[NodeFactory]:
     factory.close()
 
 
-def storescu(port: int, files: list[Path], *, calling: str = "STORESCU", called: str = "TEST-NODE",
-             extra: list[str] | None = None, check: bool = True) -> subprocess.CompletedProcess:
+def storescu(
+    port: int,
+    files: list[Path],
+    *,
+    calling: str = "STORESCU",
+    called: str = "TEST-NODE",
+    extra: list[str] | None = None,
+    check: bool = True,
+) -> subprocess.CompletedProcess:
     """Send files with DCMTK's storescu (Nagle off, as a tuned modality would)."""
-    cmd = [dcmtk("storescu"), "-aet", calling, "-aec", called, *(extra or []), "127.0.0.1",
-           str(port), *map(str, files)]
+    cmd = [
+        dcmtk("storescu"),
+        "-aet",
+        calling,
+        "-aec",
+        called,
+        *(extra or []),
+        "127.0.0.1",
+        str(port),
+        *map(str, files),
+    ]
     env = {**os.environ, "TCP_NODELAY": "1"}
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
     if check and result.returncode != 0:
-        raise AssertionError(f"storescu failed ({result.returncode}): {result.stderr}{result.stdout}")
+        raise AssertionError(
+            f"storescu failed ({result.returncode}): {result.stderr}{result.stdout}"
+        )
     return result

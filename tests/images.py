@@ -200,3 +200,94 @@ def as_read(ds: Dataset) -> Dataset:
     ds.save_as(buffer, enforce_file_format=True)
     buffer.seek(0)
     return pydicom.dcmread(buffer)
+
+
+# --------------------------------------------------------------------------- pixel formats
+
+
+def make_gray(
+    arr: np.ndarray, *, bits_stored: int | None = None, photometric: str = "MONOCHROME2"
+) -> Dataset:
+    """Secondary Capture of `arr` ((frames,) rows, columns), its dtype as the container."""
+    ds = _base(SecondaryCaptureImageStorage, "OT", "GRAY")
+    ds.ConversionType = "WSD"
+    bits = bits_stored or arr.dtype.itemsize * 8
+    _set_pixels(ds, arr, bits_stored=bits, photometric=photometric)
+    return ds
+
+
+def make_signed16(rows: int = 40, cols: int = 56, seed: int = 0) -> Dataset:
+    """Signed 16-bit with Bits Stored 16 over the whole range, both extremes included."""
+    rng = np.random.default_rng(seed)
+    arr = rng.integers(-32768, 32767, size=(rows, cols), endpoint=True).astype(np.int16)
+    arr[0, 0], arr[-1, -1] = -32768, 32767
+    return make_gray(arr)
+
+
+def make_odd(rows: int, cols: int, seed: int = 0) -> Dataset:
+    """Unsigned 10-bit in 16 of an odd or degenerate size (1xN, Nx1, odd sides)."""
+    rng = np.random.default_rng(seed)
+    return make_gray(rng.integers(0, 1 << 10, size=(rows, cols)).astype(np.uint16), bits_stored=10)
+
+
+def make_one_bit(rows: int = 32, cols: int = 40) -> Dataset:
+    """A binary (Bits Allocated 1) image, as segmentations store masks."""
+    y, x = np.mgrid[0:rows, 0:cols]
+    mask = ((x - cols / 2) ** 2 + (y - rows / 2) ** 2 < (rows / 3) ** 2).astype(np.uint8)
+    ds = make_gray(mask, bits_stored=1)
+    ds.BitsAllocated = ds.BitsStored = 1
+    ds.HighBit = 0
+    ds.PixelData = np.packbits(mask.ravel(), bitorder="little").tobytes()
+    return ds
+
+
+def make_us_cine(frames: int = 100, rows: int = 48, cols: int = 64, seed: int = 0) -> Dataset:
+    """Ultrasound Multi-frame: an RGB cine loop (a grey sector with a colour Doppler blob)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:rows, 0:cols].astype(np.float64)
+    sector = np.abs(np.arctan2(x - cols / 2, y + 1)) < 0.6
+    stack = []
+    for i in range(frames):
+        grey = sector * (90 + 40 * np.sin(y / 4 + i / 5)) + rng.normal(0, 6, (rows, cols))
+        blob = np.exp(-(((x - cols / 2 - 8 * np.sin(i / 8)) / 6) ** 2 + ((y - rows / 2) / 5) ** 2))
+        rgb = np.stack([grey + 150 * blob, grey, grey + 120 * blob * (i % 2)], axis=-1)
+        stack.append(np.clip(rgb, 0, 255))
+    ds = _base(UID("1.2.840.10008.5.1.4.1.1.3.1"), "US", f"US{seed:04d}")
+    _set_pixels(ds, np.stack(stack).astype(np.uint8), bits_stored=8, photometric="RGB")
+    ds.FrameIncrementPointer = 0x00181063
+    ds.FrameTime = 33.3
+    return ds
+
+
+def with_planar_configuration_1(ds: Dataset) -> Dataset:
+    """`ds` (8-bit RGB) with its pixels rewritten colour-by-plane."""
+    frames = int(ds.get("NumberOfFrames") or 1)
+    arr = np.frombuffer(ds.PixelData, dtype=np.uint8).reshape(frames, ds.Rows, ds.Columns, 3)
+    ds.PixelData = np.ascontiguousarray(arr.transpose(0, 3, 1, 2)).tobytes()
+    ds.PlanarConfiguration = 1
+    return ds
+
+
+def with_embedded_overlay(ds: Dataset, bit: int = 15) -> Dataset:
+    """`ds` (16-bit, Bits Stored <= `bit`) with a rectangle overlay in pixel bit `bit`.
+
+    The retired encoding: Overlay Bits Allocated 16 and no Overlay Data (60xx,3000).
+    """
+    words = np.frombuffer(ds.PixelData, dtype="<u2").reshape(ds.Rows, ds.Columns).copy()
+    words &= np.uint16((1 << int(ds.BitsStored)) - 1)
+    words[2:6, 3:9] |= np.uint16(1 << bit)
+    ds.PixelData = words.tobytes()
+    ds.add_new(0x60000010, "US", int(ds.Rows))
+    ds.add_new(0x60000011, "US", int(ds.Columns))
+    ds.add_new(0x60000040, "CS", "G")
+    ds.add_new(0x60000050, "SS", [1, 1])
+    ds.add_new(0x60000100, "US", 16)
+    ds.add_new(0x60000102, "US", bit)
+    return ds
+
+
+def make_uint32(rows: int = 12, cols: int = 10) -> Dataset:
+    """Unsigned 32-bit, as RT Dose grids store doses."""
+    # Products wrap around in uint32, spreading values over the whole range.
+    arr = np.arange(rows * cols, dtype=np.uint32).reshape(rows, cols) * np.uint32(97_003_001)
+    return make_gray(arr)

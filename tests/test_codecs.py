@@ -21,13 +21,17 @@ from pydicom.encaps import generate_fragments, parse_basic_offsets
 from pydicom.pixels import get_decoder
 from pydicom.pixels.utils import compress
 from pydicom.uid import (
+    HTJ2K,
     JPEG2000,
     UID,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
+    HTJ2KLossless,
     ImplicitVRLittleEndian,
     JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGLosslessSV1,
     JPEGLSLossless,
     JPEGLSNearLossless,
     RLELossless,
@@ -354,7 +358,8 @@ def test_lossy_steps_append_to_existing_values() -> None:
     source.LossyImageCompression = "01"
     source.LossyImageCompressionRatio = 5
     source.LossyImageCompressionMethod = "ISO_10918_1"
-    out = written(compress_dataset(source, spec(JPEG2000, compression_ratio=8)))
+    allowed = spec(JPEG2000, compression_ratio=8, allow_lossy_recompression=True)
+    out = written(compress_dataset(source, allowed))
     assert list(out.LossyImageCompressionMethod) == ["ISO_10918_1", "ISO_15444_1"]
     assert len(out.LossyImageCompressionRatio) == 2
     assert out.ImageType[1:] == ["PRIMARY", "OTHER"]
@@ -480,7 +485,7 @@ def overlay_in_pixel_bits() -> Dataset:
     ds = images.make_mr(8, 8)
     ds.add_new(0x60000010, "US", 8)  # Overlay Rows, but no Overlay Data: bits in pixels
     ds.add_new(0x60000011, "US", 8)
-    ds.add_new(0x60000102, "US", 15)
+    ds.add_new(0x60000102, "US", 3)  # inside Bits Stored 12: cannot be separated
     return images.as_read(ds)
 
 
@@ -489,9 +494,9 @@ def overlay_in_pixel_bits() -> Dataset:
     [
         (float_image, "float pixel data"),
         (lambda: pydicom_file("liver_1frame.dcm"), "Bits Allocated 1"),
-        (lambda: pydicom_file("JPEG-lossy.dcm"), "cannot decode"),
+        (lambda: pydicom_file("JPEG-lossy.dcm"), "already lossy compressed"),
         (lambda: pydicom_file("examples_palette.dcm"), "cannot hold PALETTE COLOR"),
-        (overlay_in_pixel_bits, "overlay"),
+        (overlay_in_pixel_bits, "not above Bits Stored"),
     ],
 )
 def test_unsupported_pixel_data_passes_through(make: Callable[[], Dataset], reason: str) -> None:
@@ -546,8 +551,10 @@ def test_stale_extended_offset_table_is_removed() -> None:
 def test_available_encoders_are_ranked_fastest_first() -> None:
     rle = available_encoders(RLELossless)
     assert rle[-1] == "pydicom" and "pylibjpeg" in rle
-    assert available_encoders(JPEGLSLossless) == ["pyjpegls"]
+    assert available_encoders(JPEGLSLossless) == ["imagecodecs", "pyjpegls"]
+    assert available_encoders(HTJ2KLossless) == ["imagecodecs"]
     assert available_encoders(ExplicitVRLittleEndian) == []
+    assert available_encoders(DeflatedExplicitVRLittleEndian) == []
 
 
 def test_check_plugin_messages() -> None:
@@ -573,7 +580,10 @@ def test_check_plugin_names_missing_dependencies(monkeypatch: pytest.MonkeyPatch
         (spec(JPEG2000Lossless, compression_ratio=10), "applies only to jpeg-2000"),
         (spec(RLELossless, max_error=2), "applies only to jpeg-ls-near-lossless"),
         (spec(JPEGLSNearLossless, max_error=300), "max_error must be"),
-        (spec(UID("1.2.840.10008.1.2.4.50")), "not one the node can write"),
+        (spec(UID("1.2.840.10008.1.2.4.51")), "not one the node can write"),
+        (spec(HTJ2K), "htj2k needs exactly one"),
+        (spec(JPEGBaseline8Bit, quality=0), "quality must be"),
+        (spec(RLELossless, quality=50), "quality applies only to jpeg-baseline"),
         (spec(RLELossless, plugin="nope"), "unknown encoder plugin"),
     ],
 )
@@ -581,3 +591,156 @@ def test_bad_specs_raise_codec_error(bad: CompressSpec, message: str) -> None:
     assert message in check_spec(bad)
     with pytest.raises(CodecError, match=message):
         compress_dataset(INPUTS["mr_12bit"](), bad)
+
+
+# --------------------------------------------------------------------------- issue 4
+
+
+def test_jpeg_lossy_input_recompresses_losslessly_but_not_lossy() -> None:
+    source = pydicom_file("SC_rgb_jpeg_dcmtk.dcm")  # baseline JPEG
+    refused = compress_dataset(source, spec(HTJ2K, compression_ratio=10))
+    assert not refused.compressed and "allow_lossy_recompression" in refused.reason
+    assert refused.dataset is source
+    allowed = compress_dataset(
+        source, spec(HTJ2K, compression_ratio=10, allow_lossy_recompression=True)
+    )
+    assert allowed.compressed and allowed.lossy
+    assert list(written(allowed).LossyImageCompressionMethod)[-1] == "ISO_15444_15"
+
+
+def test_verify_mismatch_keeps_the_original_and_logs_an_error(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from node.codecs import verify
+
+    real = verify.compare
+
+    def off_by_one(*args, **kwargs):
+        check = real(*args, **kwargs)
+        return verify.Check(check.decoder, check.independent, check.max_error + 1)
+
+    monkeypatch.setattr(verify, "compare", off_by_one)
+    source = INPUTS["ct"]()
+    result = compress_dataset(source, spec(HTJ2KLossless, verify_lossless=True))
+    assert result.dataset is source and not result.compressed
+    assert "does not decode to the input" in result.reason
+    assert any(
+        r.levelname == "ERROR" and "verification failed" in r.message for r in caplog.records
+    )
+
+
+@pytest.mark.parametrize(
+    ("syntax", "decoder"),
+    [
+        (HTJ2KLossless, "pydicom/pylibjpeg"),  # OpenJPEG for OpenJPH output
+        (JPEGLosslessSV1, "imagecodecs.jpegsof3_decode"),  # not libjpeg-turbo
+        (RLELossless, "pydicom/pydicom"),  # gdcm writes, pydicom reads
+    ],
+)
+def test_verify_uses_an_independent_decoder(syntax: UID, decoder: str) -> None:
+    result = compress_dataset(INPUTS["junk_bits_signed"](), spec(syntax, verify_lossless=True))
+    assert result.compressed, result.reason
+    assert any(f"verified with {decoder} (independent of" in n for n in result.notes), result.notes
+
+
+def test_htj2k_rpcl_codestream_follows_ps3_5() -> None:
+    ds = images.as_read(images.make_ct(300, 520))
+    out = written(compress_dataset(ds, spec(UID("1.2.840.10008.1.2.4.202"))))
+    stream = next(generate_fragments(_after_bot(out.PixelData)))
+    cod = stream[stream.index(b"\xff\x52") + 4 :]
+    assert cod[1] == 2  # progression order RPCL
+    assert 520 / 2 ** cod[5] <= 64  # decompositions: base resolution <= 64
+    assert b"\xff\x55" in stream[: stream.index(b"\xff\x90")]  # TLM in the main header
+
+
+def _after_bot(pixel_data: bytes) -> BytesIO:
+    buffer = BytesIO(pixel_data)
+    parse_basic_offsets(buffer)
+    return buffer
+
+
+def test_htj2k_lossy_widens_bits_stored_and_keeps_within_error() -> None:
+    source = INPUTS["ct"]()
+    result = compress_dataset(source, spec(HTJ2K, psnr=55))
+    out = written(result)
+    assert (out.BitsStored, out.HighBit) == (16, 15)
+    assert out.LossyImageCompressionMethod == "ISO_15444_15"
+    error = np.abs(stored(out) - stored(source)).max()
+    assert 0 < error <= int(result.notes[-1].rsplit(" ", 1)[1])
+
+
+def test_jpeg_baseline_colour_is_ybr_full_422() -> None:
+    out = written(compress_dataset(INPUTS["rgb"](), spec(JPEGBaseline8Bit, quality=80)))
+    assert out.PhotometricInterpretation == "YBR_FULL_422"
+    assert out.LossyImageCompressionMethod == "ISO_10918_1"
+    assert "quality 80" in out.DerivationDescription
+
+
+def test_deflated_writes_the_whole_data_set_deflated() -> None:
+    source = images.as_read(images.make_sr())
+    result = compress_dataset(source, spec(DeflatedExplicitVRLittleEndian))
+    assert result.compressed and result.transfer_syntax == DeflatedExplicitVRLittleEndian
+    out = written(result)
+    assert out.file_meta.TransferSyntaxUID == DeflatedExplicitVRLittleEndian
+    assert out.ContentSequence[0].TextValue == "No abnormality detected."
+    compressed_input = compress_dataset(
+        pydicom_file("MR_small_RLE.dcm"), spec(DeflatedExplicitVRLittleEndian)
+    )
+    assert not compressed_input.compressed and "native pixel data only" in compressed_input.reason
+
+
+def test_gdcm_rle_is_not_called_where_it_aborts() -> None:
+    # python-gdcm's RLE encoder kills the process (SIGABRT) on odd pixel counts.
+    source = images.as_read(images.make_odd(33, 17))
+    result = compress_dataset(source, spec(RLELossless, plugin="gdcm"))
+    assert not result.compressed and "odd pixel count" in result.reason
+    assert compress_dataset(source, spec(RLELossless)).encoder == "pylibjpeg"
+
+
+def test_config_accepts_the_new_compress_keys() -> None:
+    from node.config import _parse_compress
+
+    parsed = _parse_compress(
+        {
+            "transfer_syntax": "jpeg-baseline",
+            "quality": 75,
+            "verify": True,
+            "allow_lossy_recompression": True,
+        },
+        "rules[0].compress",
+        True,
+    )
+    assert (parsed.quality, parsed.verify_lossless, parsed.allow_lossy_recompression) == (
+        75,
+        True,
+        True,
+    )
+    from node.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="quality: not a parameter of htj2k-lossless"):
+        _parse_compress({"transfer_syntax": "htj2k-lossless", "quality": 5}, "c", True)
+
+
+def test_codecs_command_lists_every_syntax(capsys: pytest.CaptureFixture[str]) -> None:
+    from node.cli import main
+
+    assert main(["codecs", "--seconds", "0.01"]) == 0
+    table = capsys.readouterr().out
+    for name in (
+        "htj2k-lossless",
+        "htj2k-lossless-rpcl",
+        "jpeg-lossless",
+        "jpeg-baseline",
+        "deflated",
+    ):
+        assert name in table
+    assert "bit-exact, pydicom/pylibjpeg (independent of openjph)" in table
+
+
+def test_jpeg_baseline_works_without_pydicom_jpeg_decoders(monkeypatch: pytest.MonkeyPatch) -> None:
+    # python-gdcm is an optional extra: without it imagecodecs checks the output.
+    from node.codecs import verify
+
+    monkeypatch.setattr(verify, "_available", lambda uid, d: d.pydicom_plugin is None)
+    result = compress_dataset(INPUTS["rgb"](), spec(JPEGBaseline8Bit, verify_lossless=True))
+    assert result.compressed and result.lossy, result.reason

@@ -69,15 +69,27 @@ def test_relative_paths_resolve_against_the_config_folder() -> None:
             ("jpeg-ls-lossless", "jpeg-xx"),
             "rules[0].compress.transfer_syntax: 'jpeg-xx' is not a known transfer syntax; known: ",
         ),
-        (("send_to: archive", "send_to: pacs"), "rules[1].send_to[0]: 'pacs' is not a defined destination"),
+        (
+            ("send_to: archive", "send_to: pacs"),
+            "rules[1].send_to[0]: 'pacs' is not a defined destination",
+        ),
         (("Modality:", "Modalty:"), "rules[0].match.Modalty: not a DICOM keyword"),
         (("port: 11112", "port: 70000"), "node.port: must be at most 65535"),
-        (("ae_title: COMPRESS_SCP", "ae_title: THIS_TITLE_IS_TOO_LONG"), "node.ae_title: an AE title has 1 to 16"),
+        (
+            ("ae_title: COMPRESS_SCP", "ae_title: THIS_TITLE_IS_TOO_LONG"),
+            "node.ae_title: an AE title has 1 to 16",
+        ),
         (("type: folder", "type: s3"), "destinations.archive.type: 's3' is not a destination type"),
         (("10.1.0.0/16", "10.1.0.0/99"), "rules[0].match.peer_address: '10.1.0.0/99' is not an IP"),
-        (("compress: {transfer_syntax: jpeg-ls-lossless}", "compres: {transfer_syntax: x}"), "rules[0].compres: unknown key"),
         (
-            ("{transfer_syntax: jpeg-ls-lossless}", "{transfer_syntax: jpeg-ls-lossless, max_error: 2}"),
+            ("compress: {transfer_syntax: jpeg-ls-lossless}", "compres: {transfer_syntax: x}"),
+            "rules[0].compres: unknown key",
+        ),
+        (
+            (
+                "{transfer_syntax: jpeg-ls-lossless}",
+                "{transfer_syntax: jpeg-ls-lossless, max_error: 2}",
+            ),
             "rules[0].compress.max_error: not a parameter of jpeg-ls-lossless",
         ),
         (
@@ -85,11 +97,20 @@ def test_relative_paths_resolve_against_the_config_folder() -> None:
             "rules[0].compress: jpeg-2000 needs exactly one of compression_ratio, psnr",
         ),
         (
-            ("{transfer_syntax: jpeg-ls-lossless}", "{transfer_syntax: rle-lossless, plugin: nosuch}"),
+            (
+                "{transfer_syntax: jpeg-ls-lossless}",
+                "{transfer_syntax: rle-lossless, plugin: nosuch}",
+            ),
             "rules[0].compress.plugin:",
         ),
-        (("path: archive}", "path: archive, layout: '../{SOPInstanceUID}'}"), "destinations.archive.layout: must be a relative path"),
-        (("path: archive}", "path: archive, layout: '{PatientID}.dcm'}"), "destinations.archive.layout: must contain {SOPInstanceUID}"),
+        (
+            ("path: archive}", "path: archive, layout: '../{SOPInstanceUID}'}"),
+            "destinations.archive.layout: must be a relative path",
+        ),
+        (
+            ("path: archive}", "path: archive, layout: '{PatientID}.dcm'}"),
+            "destinations.archive.layout: must contain {SOPInstanceUID}",
+        ),
         (("port: 11112", "port: 11113"), None),
     ],
 )
@@ -112,8 +133,11 @@ def test_yaml_syntax_error_names_line() -> None:
 def test_check_config_cli(tmp_path) -> None:
     good = tmp_path / "good.yaml"
     good.write_text(GOOD)
-    ok = subprocess.run([sys.executable, "-m", "node.cli", "check-config", str(good)],
-                        capture_output=True, text=True)
+    ok = subprocess.run(
+        [sys.executable, "-m", "node.cli", "check-config", str(good)],
+        capture_output=True,
+        text=True,
+    )
     assert ok.returncode == 0, ok.stderr
     assert "[0] ct: Modality in ['CT', 'MR']" in ok.stdout
     assert "compress to jpeg-ls-lossless (1.2.840.10008.1.2.4.80)" in ok.stdout
@@ -121,22 +145,32 @@ def test_check_config_cli(tmp_path) -> None:
 
     bad = tmp_path / "bad.yaml"
     bad.write_text(GOOD.replace("jpeg-ls-lossless", "jpeg-xx"))
-    failed = subprocess.run([sys.executable, "-m", "node.cli", "check-config", str(bad)],
-                            capture_output=True, text=True)
+    failed = subprocess.run(
+        [sys.executable, "-m", "node.cli", "check-config", str(bad)], capture_output=True, text=True
+    )
     assert failed.returncode == 1
     assert failed.stderr.count("\n") == 1, failed.stderr
-    assert "rules[0].compress.transfer_syntax: 'jpeg-xx' is not a known transfer syntax" in failed.stderr
+    assert (
+        "rules[0].compress.transfer_syntax: 'jpeg-xx' is not a known transfer syntax"
+        in failed.stderr
+    )
 
 
 def test_run_refuses_bad_config_before_binding(tmp_path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text(GOOD.replace("port: 11112", "port: zero"))
-    result = subprocess.run([sys.executable, "-m", "node.cli", "run", "--config", str(bad)],
-                            capture_output=True, text=True, timeout=30)
+    result = subprocess.run(
+        [sys.executable, "-m", "node.cli", "run", "--config", str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert result.returncode == 1
     assert "node.port: expected a whole number, got 'zero'" in result.stderr
 
 
 def test_version() -> None:
-    result = subprocess.run([sys.executable, "-m", "node.cli", "--version"], capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "node.cli", "--version"], capture_output=True, text=True
+    )
     assert result.returncode == 0 and result.stdout.startswith("dicom-node ")

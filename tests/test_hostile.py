@@ -55,11 +55,22 @@ def a_associate_rq(called: bytes = b"TEST-NODE", calling: bytes = b"FUZZER") -> 
         return struct.pack(">BBH", kind, 0, len(payload)) + payload
 
     app = item(0x10, b"1.2.840.10008.3.1.1.1")
-    cx = item(0x20, bytes([1, 0, 0, 0]) + item(0x30, CT_IMAGE_STORAGE.encode())
-              + item(0x40, EXPLICIT_LE.encode()))
+    cx = item(
+        0x20,
+        bytes([1, 0, 0, 0])
+        + item(0x30, CT_IMAGE_STORAGE.encode())
+        + item(0x40, EXPLICIT_LE.encode()),
+    )
     user = item(0x50, item(0x51, struct.pack(">I", 16384)) + item(0x52, b"1.2.3.4"))
-    body = (struct.pack(">HH", 1, 0) + called.ljust(16) + calling.ljust(16) + bytes(32)
-            + app + cx + user)
+    body = (
+        struct.pack(">HH", 1, 0)
+        + called.ljust(16)
+        + calling.ljust(16)
+        + bytes(32)
+        + app
+        + cx
+        + user
+    )
     return struct.pack(">BBI", 0x01, 0, len(body)) + body
 
 
@@ -102,14 +113,18 @@ pdu_fuzz = st.one_of(
     st.binary(min_size=1, max_size=512),  # noise
     st.builds(  # a PDU header of any type with a length that lies
         lambda kind, length, body: struct.pack(">BBI", kind, 0, length) + body,
-        st.integers(0, 255), st.integers(0, 0xFFFFFFFF), st.binary(max_size=256),
+        st.integers(0, 255),
+        st.integers(0, 0xFFFFFFFF),
+        st.binary(max_size=256),
     ),
     st.builds(  # a valid A-ASSOCIATE-RQ cut short or with bytes flipped
         lambda cut, flips: _flip(a_associate_rq()[:cut], flips),
-        st.integers(1, 300), st.lists(st.tuples(st.integers(0, 299), st.integers(0, 255)), max_size=4),
+        st.integers(1, 300),
+        st.lists(st.tuples(st.integers(0, 299), st.integers(0, 255)), max_size=4),
     ),
     st.builds(  # an association, then garbage where P-DATA should be
-        lambda junk: a_associate_rq() + junk, st.binary(min_size=1, max_size=256),
+        lambda junk: a_associate_rq() + junk,
+        st.binary(min_size=1, max_size=256),
     ),
 )
 
@@ -123,10 +138,12 @@ def _flip(data: bytes, flips: list[tuple[int, int]]) -> bytes:
 
 
 def test_fuzzed_pdus_leave_the_node_up_and_good_peers_served(nodes, tmp_path) -> None:
-    node = nodes.start(rules="""
+    node = nodes.start(
+        rules="""
       - name: all
         send_to: [archive]
-    """)
+    """
+    )
     good = GoodSender(node.port, tmp_path)
     good.start()
     cases = []
@@ -175,13 +192,16 @@ def mutate(data: bytes, rng: random.Random, how: str) -> bytes:
     raise ValueError(how)
 
 
-def test_corrupt_data_sets_get_a_status_or_a_reasoned_quarantine(nodes, tmp_path,
-                                                                 monkeypatch) -> None:
-    node = nodes.start(rules="""
+def test_corrupt_data_sets_get_a_status_or_a_reasoned_quarantine(
+    nodes, tmp_path, monkeypatch
+) -> None:
+    node = nodes.start(
+        rules="""
       - name: all
         compress: {transfer_syntax: jpeg-ls-lossless}
         send_to: [archive]
-    """)
+    """
+    )
     monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)  # send bytes as they are
     ae = AE(ae_title="BROKEN_CT")
     ae.add_requested_context(CT_IMAGE_STORAGE, EXPLICIT_LE)
@@ -190,8 +210,10 @@ def test_corrupt_data_sets_get_a_status_or_a_reasoned_quarantine(nodes, tmp_path
     statuses: list[int] = []
 
     @FUZZ
-    @given(st.integers(0, 2**32 - 1), st.sampled_from(["truncate", "flip", "huge-length",
-                                                        "short-pixels"]))
+    @given(
+        st.integers(0, 2**32 - 1),
+        st.sampled_from(["truncate", "flip", "huge-length", "short-pixels"]),
+    )
     def fuzz(seed: int, how: str) -> None:
         nonlocal assoc
         rng = random.Random(seed)
@@ -212,8 +234,10 @@ def test_corrupt_data_sets_get_a_status_or_a_reasoned_quarantine(nodes, tmp_path
     if assoc.is_established:
         assoc.release()
     acknowledged = statuses.count(0x0000)
-    print(f"\ncorrupt data set cases: {len(statuses)}, acknowledged {acknowledged}, "
-          f"refused {sum(1 for s in statuses if s not in (0, -1))}")
+    print(
+        f"\ncorrupt data set cases: {len(statuses)}, acknowledged {acknowledged}, "
+        f"refused {sum(1 for s in statuses if s not in (0, -1))}"
+    )
     assert len(statuses) >= 50
     assert set(statuses) - {0x0000} <= {0xC000, 0xA700, -1}, set(statuses)
     assert any(s == 0xC000 for s in statuses), "no corrupt header was refused"
@@ -221,8 +245,12 @@ def test_corrupt_data_sets_get_a_status_or_a_reasoned_quarantine(nodes, tmp_path
     node.wait_spool_empty()
     log = node.log_text()
     node.wait_until(
-        lambda: node.log_text().count(" rule=all ") + node.log_text().count("quarantined:")
-        >= acknowledged, 60, "every acknowledged instance accounted for",
+        lambda: (
+            node.log_text().count(" rule=all ") + node.log_text().count("quarantined:")
+            >= acknowledged
+        ),
+        60,
+        "every acknowledged instance accounted for",
     )
     log = node.log_text()
     routed, quarantined = log.count(" rule=all "), log.count("quarantined:")
@@ -237,8 +265,11 @@ def tiny_disk(tmp_path):
     """A 4 MiB tmpfs for the spool: it fills up after a few CT images."""
     mount = tmp_path / "tiny"
     mount.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)],
+        capture_output=True,
+        text=True,
+    )
     if result.returncode != 0:
         pytest.fail(f"cannot mount a tmpfs for the disk-full test (needs root): {result.stderr}")
     yield mount
@@ -246,8 +277,9 @@ def tiny_disk(tmp_path):
 
 
 def worker_processes(pid: int) -> list[int]:
-    out = subprocess.run(["pgrep", "-P", str(pid), "-f", "spawn_main"], capture_output=True,
-                         text=True).stdout
+    out = subprocess.run(
+        ["pgrep", "-P", str(pid), "-f", "spawn_main"], capture_output=True, text=True
+    ).stdout
     return [int(x) for x in out.split()]
 
 

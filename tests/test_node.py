@@ -58,8 +58,9 @@ def by_uid(paths: list[Path]) -> dict[str, pydicom.Dataset]:
 
 def worker_processes(pid: int) -> list[int]:
     """The node's worker processes (multiprocessing's spawned children)."""
-    out = subprocess.run(["pgrep", "-P", str(pid), "-f", "spawn_main"], capture_output=True,
-                         text=True).stdout
+    out = subprocess.run(
+        ["pgrep", "-P", str(pid), "-f", "spawn_main"], capture_output=True, text=True
+    ).stdout
     return [int(x) for x in out.split()]
 
 
@@ -85,14 +86,17 @@ def test_storescu_ct_arrives_jpeg_ls_bit_exact_with_its_uid(nodes, tmp_path) -> 
     # The layout is PatientID/Study/Series/SOP.dcm below the archive.
     relative = Path(archived[str(sources[0].SOPInstanceUID)].filename).relative_to(node.archive)
     assert relative.parts == (
-        sources[0].PatientID, sources[0].StudyInstanceUID, sources[0].SeriesInstanceUID,
+        sources[0].PatientID,
+        sources[0].StudyInstanceUID,
+        sources[0].SeriesInstanceUID,
         f"{sources[0].SOPInstanceUID}.dcm",
     )
     node.wait_spool_empty()
 
 
 def test_pynetdicom_sender_gets_success_and_rules_route_by_calling_ae(nodes) -> None:
-    node = nodes.start(rules="""
+    node = nodes.start(
+        rules="""
       - name: ct-from-ct-scanners
         match: {Modality: CT, calling_ae_title: "CT*"}
         compress: {transfer_syntax: jpeg-ls-lossless}
@@ -100,7 +104,8 @@ def test_pynetdicom_sender_gets_success_and_rules_route_by_calling_ae(nodes) -> 
       - name: rest
         compress: {transfer_syntax: rle-lossless}
         send_to: [archive]
-    """)
+    """
+    )
     ct_a, ct_b = images.make_ct(rows=64, cols=64, seed=1), images.make_ct(rows=64, cols=64, seed=2)
     for calling, ds in (("CT_SCANNER1", ct_a), ("WORKSTATION", ct_b)):
         ae = AE(ae_title=calling)
@@ -144,11 +149,13 @@ def test_sr_without_pixels_passes_through_with_a_reason(nodes, tmp_path) -> None
 
 
 def test_unmatched_instance_is_kept_in_unrouted_with_a_warning(nodes, tmp_path) -> None:
-    node = nodes.start(rules="""
+    node = nodes.start(
+        rules="""
       - name: only-ct
         match: {Modality: CT}
         send_to: [archive]
-    """)
+    """
+    )
     mr = images.make_mr()
     storescu(node.port, [write(mr, tmp_path, "mr.dcm")])
     unrouted = node.spool / "unrouted"
@@ -237,11 +244,13 @@ def test_sigterm_exits_zero(nodes, tmp_path) -> None:
 
 @pytest.mark.parametrize("syntax", ["jpeg-ls-lossless", "rle-lossless", "jpeg-2000-lossless"])
 def test_rgb_and_multiframe_round_trip_losslessly(nodes, tmp_path, syntax) -> None:
-    node = nodes.start(rules=f"""
+    node = nodes.start(
+        rules=f"""
       - name: all
         compress: {{transfer_syntax: {syntax}}}
         send_to: [archive]
-    """)
+    """
+    )
     sources = [images.make_rgb(), images.make_multiframe(frames=5)]
     files = [write(ds, tmp_path, f"s{i}.dcm") for i, ds in enumerate(sources)]
     storescu(node.port, files, extra=["-R"])

@@ -21,23 +21,32 @@ EXPLICIT_LE = "1.2.840.10008.1.2.1"
 
 
 def node_config(root: Path, port: int, node_extra: str = "", rules: str | None = None) -> str:
-    rules = rules or """
+    rules = (
+        rules
+        or """
   - name: everything
     compress: {transfer_syntax: jpeg-ls-lossless}
     send_to: [archive]
 """
-    return textwrap.dedent(f"""
+    )
+    return (
+        textwrap.dedent(f"""
     node:
       ae_title: TEST-NODE
       host: 127.0.0.1
       port: {port}
       spool: {root / "spool"}
       workers: 1
-    """) + textwrap.indent(textwrap.dedent(node_extra), "  ") + textwrap.dedent(f"""
+    """)
+        + textwrap.indent(textwrap.dedent(node_extra), "  ")
+        + textwrap.dedent(f"""
     destinations:
       archive: {{type: folder, path: {root / "archive"}}}
     rules:
-    """) + textwrap.dedent(rules).strip("\n") + "\n"
+    """)
+        + textwrap.dedent(rules).strip("\n")
+        + "\n"
+    )
 
 
 def echo(port: int, calling: str, called: str = "TEST-NODE", tls: ssl.SSLContext | None = None):
@@ -56,13 +65,18 @@ def test_allow_list_rejects_unknown_callers_with_the_right_reason(nodes, tmp_pat
     root, port = tmp_path / "n", free_port()
     root.mkdir()
     node = nodes.start(
-        node_config(root, port, """
+        node_config(
+            root,
+            port,
+            """
         allow:
           - {calling_ae_title: "CT_*", peer_address: 127.0.0.0/8}
           - {calling_ae_title: ARCHIVE_QA}
         require_called_ae_title: true
-        """),
-        root=root, port=port,
+        """,
+        ),
+        root=root,
+        port=port,
     )
     ok = echo(port, "CT_SCANNER7")
     assert ok.is_established
@@ -83,8 +97,12 @@ def test_allow_list_rejects_unknown_callers_with_the_right_reason(nodes, tmp_pat
     assert "called 'SOMEONE_ELSE'" in log
 
     # DCMTK sees the same answer.
-    result = subprocess.run([dcmtk("echoscu"), "-aet", "NOPE", "-aec", "TEST-NODE", "127.0.0.1",
-                             str(port)], capture_output=True, text=True, timeout=30)
+    result = subprocess.run(
+        [dcmtk("echoscu"), "-aet", "NOPE", "-aec", "TEST-NODE", "127.0.0.1", str(port)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert result.returncode != 0
     assert "Calling AE Title Not Recognized" in result.stdout + result.stderr
 
@@ -96,14 +114,52 @@ def make_certificates(folder: Path) -> dict[str, Path]:
     def run(*args: str) -> None:
         subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=folder)
 
-    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt",
-        "-days", "2", "-subj", "/CN=test-ca")
+    run(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=test-ca",
+    )
     for name in ("server", "client"):
-        run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out",
-            f"{name}.csr", "-subj", f"/CN={name}")
+        run(
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            f"{name}.key",
+            "-out",
+            f"{name}.csr",
+            "-subj",
+            f"/CN={name}",
+        )
         (folder / f"{name}.ext").write_text("subjectAltName=IP:127.0.0.1\n")
-        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
-            "-CAcreateserial", "-out", f"{name}.crt", "-days", "2", "-extfile", f"{name}.ext")
+        run(
+            "x509",
+            "-req",
+            "-in",
+            f"{name}.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            f"{name}.crt",
+            "-days",
+            "2",
+            "-extfile",
+            f"{name}.ext",
+        )
     return {p.stem + p.suffix: p for p in folder.iterdir()}
 
 
@@ -112,14 +168,19 @@ def test_tls_port_requires_a_client_certificate(nodes, tmp_path) -> None:
     root, port, tls_port = tmp_path / "n", free_port(), free_port()
     root.mkdir()
     node = nodes.start(
-        node_config(root, port, f"""
+        node_config(
+            root,
+            port,
+            f"""
         tls:
           port: {tls_port}
           certificate: {certs["server.crt"]}
           private_key: {certs["server.key"]}
           client_ca: {certs["ca.crt"]}
-        """),
-        root=root, port=port,
+        """,
+        ),
+        root=root,
+        port=port,
     )
     wait_for_port(tls_port)
     assert f"127.0.0.1:{tls_port} (TLS)" in node.log_text()
@@ -129,7 +190,9 @@ def test_tls_port_requires_a_client_certificate(nodes, tmp_path) -> None:
     ds = images.make_ct(rows=32, cols=32, seed=21)
     ae = AE(ae_title="TLS_SCU")
     ae.add_requested_context(ds.SOPClassUID, EXPLICIT_LE)
-    assoc = ae.associate("127.0.0.1", tls_port, ae_title="TEST-NODE", tls_args=(client, "127.0.0.1"))
+    assoc = ae.associate(
+        "127.0.0.1", tls_port, ae_title="TEST-NODE", tls_args=(client, "127.0.0.1")
+    )
     assert assoc.is_established
     assert assoc.send_c_store(ds).Status == 0x0000
     assoc.release()
@@ -172,11 +235,16 @@ def test_metrics_healthz_and_json_logs(nodes, tmp_path) -> None:
     root, port, metrics_port = tmp_path / "n", free_port(), free_port()
     root.mkdir()
     node = nodes.start(
-        node_config(root, port, f"""
+        node_config(
+            root,
+            port,
+            f"""
         log_format: json
         metrics: {{host: 127.0.0.1, port: {metrics_port}}}
-        """),
-        root=root, port=port,
+        """,
+        ),
+        root=root,
+        port=port,
     )
     wait_for_port(metrics_port)
     ds = images.make_ct(rows=64, cols=64, seed=41)
@@ -184,8 +252,11 @@ def test_metrics_healthz_and_json_logs(nodes, tmp_path) -> None:
     ds.PatientID = "PID-SECRET-42"
     storescu(port, [_write(ds, tmp_path, "m.dcm")])
     node.wait_archived(1)
-    node.wait_until(lambda: "dicom_node_instances_routed_total{" in _get(metrics_port, "/metrics"),
-                    20, "the routed counter")
+    node.wait_until(
+        lambda: "dicom_node_instances_routed_total{" in _get(metrics_port, "/metrics"),
+        20,
+        "the routed counter",
+    )
     text = _get(metrics_port, "/metrics")
     assert 'dicom_node_instances_received_total{result="stored"} 1.0' in text
     assert "dicom_node_cstore_response_seconds_count 1.0" in text

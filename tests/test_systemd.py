@@ -32,15 +32,19 @@ def analyze() -> str:
 
 
 def test_unit_verifies(tmp_path) -> None:
-    result = subprocess.run([analyze(), "verify", str(installed_unit(tmp_path))],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [analyze(), "verify", str(installed_unit(tmp_path))], capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stderr
     assert result.stderr.strip() == ""
 
 
 def test_unit_exposure_is_low(tmp_path) -> None:
-    result = subprocess.run([analyze(), "security", "--offline=yes", str(installed_unit(tmp_path))],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [analyze(), "security", "--offline=yes", str(installed_unit(tmp_path))],
+        capture_output=True,
+        text=True,
+    )
     match = re.search(r"Overall exposure level for dicom-node.service: ([0-9.]+)", result.stdout)
     assert match, result.stdout + result.stderr
     assert float(match.group(1)) <= 2.0, result.stdout

@@ -12,11 +12,17 @@ converting them gains nothing and re-encodes private elements whose VR is unknow
 ``result.transfer_syntax == spec.transfer_syntax`` tells whether the output is in the
 syntax the rule asked for (it can be JPEG-LS Lossless instead of Near-Lossless, see
 :func:`_encode_near_lossless`).
+
+Lossy coding of input that is already lossy is refused unless the rule sets
+``allow_lossy_recompression``. With ``verify`` (``CompressSpec.verify_lossless``) the
+output is decoded by a decoder built on another library than the encoder, where one
+is installed, and a mismatch keeps the original (logged as an error).
 """
 
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Iterable
 from io import BytesIO
 from typing import Any
@@ -24,20 +30,26 @@ from typing import Any
 import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.encaps import generate_fragments, parse_basic_offsets
-from pydicom.pixels.encoders.base import ENCODING_PROFILES
+from pydicom.pixels import convert_color_space
 from pydicom.pixels.utils import compress
 from pydicom.uid import (
+    HTJ2K,
     JPEG2000,
     UID,
+    DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
+    HTJ2KLossless,
+    HTJ2KLosslessRPCL,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
     JPEGLSLossless,
     JPEGLSNearLossless,
+    RLELossless,
 )
 from pydicom.valuerep import VR
 
+from node.codecs import frames, verify
 from node.codecs.base import CodecError, CompressResult, CompressSpec, SyntaxInfo
 from node.codecs.endian import is_big_endian, to_little_endian
 from node.codecs.lossy import format_ratio, mark_lossy
@@ -46,10 +58,13 @@ from node.codecs.pixels import (
     Pixels,
     check_encodable,
     decode_stored,
+    move_embedded_overlays,
     one_line,
 )
-from node.codecs.plugins import available_encoders, check_plugin
-from node.codecs.syntaxes import BY_UID, lookup_syntax
+from node.codecs.plugins import available_encoders, check_plugin, library_of, node_plugin
+from node.codecs.syntaxes import BY_UID, lookup_syntax, profiles
+
+log = logging.getLogger(__name__)
 
 # dcmcjpls' default NEAR, used when a near-lossless rule sets no max_error.
 DEFAULT_MAX_ERROR = 2
@@ -58,6 +73,10 @@ MAX_NEAR = 255
 
 # Input syntaxes that are lossy whatever their parameters.
 _ALWAYS_LOSSY_INPUT = frozenset({JPEGBaseline8Bit, JPEGExtended12Bit})
+# JPEG baseline quality when a rule sets none (libjpeg's scale, 1-100).
+DEFAULT_QUALITY = 90
+_REVERSIBLE_J2K = frozenset({JPEG2000Lossless, HTJ2KLossless, HTJ2KLosslessRPCL})
+_IRREVERSIBLE_J2K = frozenset({JPEG2000, HTJ2K})
 
 # Elements that describe the old encapsulation and must not outlive it.
 _OFFSET_TABLE_KEYWORDS = (
@@ -69,6 +88,10 @@ _OFFSET_TABLE_KEYWORDS = (
 
 class _EncodeFailed(PixelFormatError):
     """Every candidate encoder raised; the message lists them."""
+
+
+class VerifyError(PixelFormatError):
+    """The output did not decode to the input (within the allowed error)."""
 
 
 __all__ = [
@@ -97,6 +120,11 @@ def check_spec(spec: CompressSpec) -> str | None:
     problem = check_plugin(info.uid, spec.plugin)
     if problem:
         return problem
+    if spec.quality is not None:
+        if "quality" not in info.parameters:
+            return f"quality applies only to jpeg-baseline, not {info.name}"
+        if not isinstance(spec.quality, int) or not 1 <= spec.quality <= 100:
+            return f"quality must be an integer from 1 to 100, not {spec.quality!r}"
     if spec.max_error is not None:
         if info.uid != JPEGLSNearLossless:
             return f"max_error applies only to jpeg-ls-near-lossless, not {info.name}"
@@ -107,12 +135,12 @@ def check_spec(spec: CompressSpec) -> str | None:
 
 def _check_j2k_quality(spec: CompressSpec, info: SyntaxInfo) -> str | None:
     given = [p for p in ("compression_ratio", "psnr") if getattr(spec, p) is not None]
-    if info.uid != JPEG2000:
+    if "compression_ratio" not in info.parameters:
         if given:
-            return f"{given[0]} applies only to jpeg-2000, not {info.name}"
+            return f"{given[0]} applies only to jpeg-2000 and htj2k, not {info.name}"
         return None
     if len(given) != 1:
-        return "jpeg-2000 needs exactly one of compression_ratio or psnr"
+        return f"{info.name} needs exactly one of compression_ratio or psnr"
     if spec.compression_ratio is not None and not spec.compression_ratio > 1:
         return f"compression_ratio must be greater than 1, not {spec.compression_ratio}"
     if spec.psnr is not None and not spec.psnr > 0:
@@ -140,7 +168,12 @@ def compress_dataset(ds: Dataset, spec: CompressSpec) -> CompressResult:
     try:
         if target == ExplicitVRLittleEndian:
             return _to_explicit_little(ds, source)
+        if target == DeflatedExplicitVRLittleEndian:
+            return _to_deflated(ds, source)
         return _transcode(ds, source, target, spec)
+    except VerifyError as exc:
+        log.error("verification failed, instance kept as received: %s", exc)
+        return passthrough(ds, str(exc))
     except PixelFormatError as exc:
         return passthrough(ds, str(exc))
     except Exception as exc:  # an encoder or decoder bug must not lose the instance
@@ -195,6 +228,29 @@ def _to_explicit_little(ds: Dataset, source: UID) -> CompressResult:
     )
 
 
+def _to_deflated(ds: Dataset, source: UID) -> CompressResult:
+    """Deflated Explicit VR Little Endian: the whole data set is zlib-deflated on writing.
+
+    Meant for objects without pixel data (SR, KOS, PR, RT plans...) and for native
+    images such as 1-bit segmentations that no pixel codec takes. Encapsulated pixel
+    data cannot be held by this syntax and is left as received.
+    """
+    if source.is_compressed:
+        raise PixelFormatError(
+            f"{DeflatedExplicitVRLittleEndian.name} holds native pixel data only; "
+            f"the {source.name} pixel data is kept as received"
+        )
+    work = _working_copy(ds)
+    work.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    # pydicom deflates when the data set is written (dcmwrite).
+    return CompressResult(
+        dataset=work,
+        transfer_syntax=DeflatedExplicitVRLittleEndian,
+        compressed=True,
+        encoder="zlib",
+    )
+
+
 def _set_native_pixels(ds: Dataset, pixels: Pixels) -> None:
     _describe_pixels(ds, pixels, pixels.photometric_interpretation)
     data = pixels.array.astype(pixels.array.dtype.newbyteorder("<"), copy=False).tobytes()
@@ -209,36 +265,64 @@ def _set_native_pixels(ds: Dataset, pixels: Pixels) -> None:
 
 def _transcode(ds: Dataset, source: UID, target: UID, spec: CompressSpec) -> CompressResult:
     check_encodable(ds)  # before copying: most non-images stop here
+    _refuse_lossy_recompression(ds, source, target, spec)
     work = _working_copy(ds)
     source = UID(work.file_meta.TransferSyntaxUID)  # big endian is now little
+    notes = move_embedded_overlays(work, source)
     pixels = decode_stored(work, source)
     pi = _output_photometric(pixels.photometric_interpretation, target)
     problem = _profile_problem(target, pi, pixels)
     if problem:
         raise PixelFormatError(problem)
-    notes = _note_lossy_input(work, source)
+    notes += _note_lossy_input(work, source)
     _describe_pixels(work, pixels, pi)
 
     if target == JPEGLSNearLossless:
         result = _encode_near_lossless(work, pixels, spec)
     elif target == JPEG2000:
         result = _encode_j2k_lossy(work, pixels, spec)
+    elif target == HTJ2K:
+        result = _encode_htj2k_lossy(work, pixels, spec)
+    elif target == JPEGBaseline8Bit:
+        result = _encode_jpeg_baseline(work, pixels, spec)
     else:
         encoder = _encode(work, pixels, target, spec.plugin)
-        if spec.verify_lossless:
-            _verify_lossless(work, target, pixels)
         result = _result(work, target, pixels, encoder, lossy=False)
+        if spec.verify_lossless:
+            result.notes.append(_verify(work, target, pixels, encoder, limit=0))
     result.notes[:0] = notes
     return result
 
 
+def is_lossy_input(ds: Dataset, source: UID) -> bool:
+    """True if `ds` has been lossy compressed at some point (PS3.3 C.7.6.1.1.5)."""
+    return source in _ALWAYS_LOSSY_INPUT or ds.get("LossyImageCompression") == "01"
+
+
+def _refuse_lossy_recompression(ds: Dataset, source: UID, target: UID, spec: CompressSpec) -> None:
+    info = BY_UID[str(target)]
+    lossless_coding = target == JPEGLSNearLossless and spec.max_error == 0
+    if not info.lossy or lossless_coding or spec.allow_lossy_recompression:
+        return
+    if is_lossy_input(ds, source):
+        raise PixelFormatError(
+            f"input is already lossy compressed ({source.name}, Lossy Image Compression "
+            f"{ds.get('LossyImageCompression', 'absent')}); {info.name} would add a second "
+            "lossy step; set allow_lossy_recompression: true to allow it"
+        )
+
+
 def _output_photometric(pi: str, target: UID) -> str:
-    # JPEG 2000 compresses RGB much better with its colour transform, which is
-    # only applied when the dataset already says YBR_RCT/YBR_ICT (PS3.5 8.2.4).
-    if pi == "RGB" and target == JPEG2000Lossless:
+    # PS3.5 8.2: JPEG 2000 and HTJ2K code RGB much better with their colour
+    # transform (reversible RCT, irreversible ICT), which pydicom only applies when
+    # the dataset already says YBR_RCT/YBR_ICT. JPEG baseline stores colour as
+    # sub-sampled YCbCr. JPEG-LS, JPEG lossless and RLE keep RGB.
+    if pi == "RGB" and target in _REVERSIBLE_J2K:
         return "YBR_RCT"
-    if pi == "RGB" and target == JPEG2000:
+    if pi == "RGB" and target in _IRREVERSIBLE_J2K:
         return "YBR_ICT"
+    if pi in ("RGB", "YBR_FULL") and target == JPEGBaseline8Bit:
+        return "YBR_FULL_422"
     return pi
 
 
@@ -246,7 +330,7 @@ def _profile_problem(target: UID, pi: str, pixels: Pixels) -> str | None:
     """Why PS3.5 section 8.2 does not allow this pixel format in `target`, or None."""
     spp = pixels.samples_per_pixel
     signed = int(pixels.signed)
-    for p_pi, p_spp, p_signed, p_alloc, p_stored in ENCODING_PROFILES.get(target, []):
+    for p_pi, p_spp, p_signed, p_alloc, p_stored in profiles(target):
         if (
             (pi, spp) == (p_pi, p_spp)
             and signed in p_signed
@@ -289,21 +373,51 @@ def _encode(ds: Dataset, pixels: Pixels, target: UID, plugin: str | None, **opti
             if keyword in ds:
                 del ds[keyword]
         try:
-            # compress() only touches `ds` once every frame has been encoded, so
-            # a failed attempt leaves it as it was.
-            compress(
-                ds,
-                target,
-                pixels.array,
-                encoding_plugin=name,
-                generate_instance_uid=False,
-                **options,
-            )
+            # Both paths only touch `ds` once every frame has been encoded, so a
+            # failed attempt leaves it as it was.
+            own = node_plugin(target, name)
+            crash = _known_crash(target, name, pixels)
+            if crash:
+                raise PixelFormatError(crash)
+            if own is not None:
+                frames.encode_frames(
+                    ds, pixels, target, own.load(), **_node_options(target, options)
+                )
+            else:
+                compress(
+                    ds,
+                    target,
+                    pixels.array,
+                    encoding_plugin=name,
+                    generate_instance_uid=False,
+                    **options,
+                )
         except Exception as exc:
             failures.append(f"{name}: {one_line(exc)}")
             continue
         return name
     raise _EncodeFailed(f"{target.name} encoding failed: {'; '.join(failures)}")
+
+
+def _known_crash(target: UID, plugin: str, pixels: Pixels) -> str | None:
+    """Why `plugin` must not be called for `pixels`: it would abort the process."""
+    rows, cols = (
+        pixels.array.shape[-2:] if pixels.samples_per_pixel == 1 else pixels.array.shape[-3:-1]
+    )
+    # python-gdcm 3.2.6's RLE encoder hits a C assertion (SIGABRT, killing the
+    # worker) on frames with an odd number of pixels, e.g. 3x3 or 33x17.
+    if target == RLELossless and plugin == "gdcm" and rows * cols % 2:
+        return f"gdcm aborts on RLE frames with an odd pixel count ({rows}x{cols})"
+    return None
+
+
+def _node_options(target: UID, options: dict[str, Any]) -> dict[str, Any]:
+    # The node's frame encoders take their own option names; translate pydicom's.
+    if "jls_error" in options:
+        return {"near": options["jls_error"]}
+    if target == HTJ2KLosslessRPCL:
+        return {"rpcl": True, **options}
+    return dict(options)
 
 
 def _encode_near_lossless(ds: Dataset, pixels: Pixels, spec: CompressSpec) -> CompressResult:
@@ -326,7 +440,7 @@ def _encode_near_lossless(ds: Dataset, pixels: Pixels, spec: CompressSpec) -> Co
     if unsafe is None:
         try:
             encoder = _encode(ds, pixels, JPEGLSNearLossless, spec.plugin, jls_error=near)
-            error = _max_abs_error(ds, JPEGLSNearLossless, pixels)
+            error = _output_error(ds, JPEGLSNearLossless, pixels, encoder, spec)
             if error <= near:
                 description = (
                     f"Lossy compression with JPEG-LS near-lossless (NEAR={near}), "
@@ -342,6 +456,8 @@ def _encode_near_lossless(ds: Dataset, pixels: Pixels, spec: CompressSpec) -> Co
     encoder = _encode(ds, pixels, JPEGLSLossless, _lossless_plugin(spec.plugin))
     result = _result(ds, JPEGLSLossless, pixels, encoder, lossy=False)
     result.notes.append(f"fell back to JPEG-LS lossless: {unsafe}")
+    if spec.verify_lossless:
+        result.notes.append(_verify(ds, JPEGLSLossless, pixels, encoder, limit=0))
     return result
 
 
@@ -372,9 +488,55 @@ def _encode_j2k_lossy(ds: Dataset, pixels: Pixels, spec: CompressSpec) -> Compre
         encoder = _encode(ds, pixels, JPEG2000, spec.plugin, j2k_psnr=[spec.psnr])
         target_text = f"target PSNR {spec.psnr:g} dB"
     # Decode once: a stream that does not decode must never be written.
-    error = _max_abs_error(ds, JPEG2000, pixels)
+    error = _output_error(ds, JPEG2000, pixels, encoder, spec)
     description = (
         f"Lossy compression with JPEG 2000 ({target_text}), "
+        f"compression ratio {format_ratio(_ratio(ds, pixels))}"
+    )
+    result = _lossy_result(ds, pixels, encoder, spec, description)
+    result.notes.append(f"max abs error {error}")
+    return result
+
+
+def _encode_htj2k_lossy(ds: Dataset, pixels: Pixels, spec: CompressSpec) -> CompressResult:
+    """HTJ2K irreversible: OpenJPH has no rate control, so search its quantisation step.
+
+    The step is searched on one frame (the middle one) and used for all frames.
+    OpenJPH writes a precision of Bits Allocated, and lossy decoding can overshoot
+    the input's range, so Bits Stored becomes Bits Allocated: values such as 4097
+    in a 12-bit image must not be masked into 1 by a receiver.
+    """
+    sample = list(frames.iter_frames(pixels))[frames.frame_count(pixels) // 2]
+    if spec.compression_ratio is not None:
+        step = frames.htj2k_step_for_ratio(sample, pixels, spec.compression_ratio)
+        target_text = f"target ratio {spec.compression_ratio:g}"
+    else:
+        step = frames.htj2k_step_for_psnr(sample, pixels, float(spec.psnr or 0))
+        target_text = f"target PSNR {spec.psnr:g} dB"
+    encoder = _encode(ds, pixels, HTJ2K, spec.plugin, step=step)
+    notes = []
+    if pixels.bits_stored != pixels.bits_allocated:
+        ds.BitsStored, ds.HighBit = pixels.bits_allocated, pixels.bits_allocated - 1
+        notes.append(
+            f"Bits Stored {pixels.bits_stored} -> {pixels.bits_allocated}: the codestream "
+            "precision, so decoded values beyond the original range stay intact"
+        )
+    error = _output_error(ds, HTJ2K, pixels, encoder, spec)
+    description = (
+        f"Lossy compression with HTJ2K ({target_text}), "
+        f"compression ratio {format_ratio(_ratio(ds, pixels))}"
+    )
+    result = _lossy_result(ds, pixels, encoder, spec, description)
+    result.notes.extend([*notes, f"quantisation step {step:.3g}, max abs error {error}"])
+    return result
+
+
+def _encode_jpeg_baseline(ds: Dataset, pixels: Pixels, spec: CompressSpec) -> CompressResult:
+    quality = spec.quality or DEFAULT_QUALITY
+    encoder = _encode(ds, pixels, JPEGBaseline8Bit, spec.plugin, quality=quality)
+    error = _output_error(ds, JPEGBaseline8Bit, pixels, encoder, spec)
+    description = (
+        f"Lossy compression with JPEG baseline (quality {quality}), "
         f"compression ratio {format_ratio(_ratio(ds, pixels))}"
     )
     result = _lossy_result(ds, pixels, encoder, spec, description)
@@ -445,10 +607,44 @@ def _decoded_differences(ds: Dataset, target: UID, pixels: Pixels) -> Iterable[n
 
 
 def _max_abs_error(ds: Dataset, target: UID, pixels: Pixels) -> int:
+    """Largest error of the output decoded by pydicom's default decoder."""
+    if target == JPEGBaseline8Bit:
+        return _independent_check(ds, target, pixels, "").max_error
     return max(int(diff.max()) for diff in _decoded_differences(ds, target, pixels))
 
 
-def _verify_lossless(ds: Dataset, target: UID, pixels: Pixels) -> None:
-    error = _max_abs_error(ds, target, pixels)
-    if error:
-        raise PixelFormatError(f"{target.name} output does not decode to the input (error {error})")
+def _output_error(
+    ds: Dataset, target: UID, pixels: Pixels, encoder: str, spec: CompressSpec
+) -> int:
+    """Largest decoded error of lossy output; by an independent decoder with `verify`."""
+    if not spec.verify_lossless:
+        return _max_abs_error(ds, target, pixels)
+    return _independent_check(ds, target, pixels, library_of(target, encoder)).max_error
+
+
+def _independent_check(ds: Dataset, target: UID, pixels: Pixels, library: str) -> verify.Check:
+    convert = None
+    if (
+        ds.PhotometricInterpretation == "YBR_FULL_422"
+        and pixels.photometric_interpretation == "RGB"
+    ):
+        # Compare JPEG baseline colour in the colour space it came in.
+        def convert(arr: np.ndarray) -> np.ndarray:
+            return convert_color_space(arr, "YBR_FULL", "RGB")
+
+    try:
+        return verify.compare(ds, target, pixels, library, convert=convert)
+    except PixelFormatError as exc:
+        raise VerifyError(f"{target.name} output failed verification: {exc}") from exc
+
+
+def _verify(ds: Dataset, target: UID, pixels: Pixels, encoder: str, *, limit: int) -> str:
+    """Check lossless output with the most independent decoder; a note, or VerifyError."""
+    library = library_of(target, encoder)
+    check = _independent_check(ds, target, pixels, library)
+    if check.max_error > limit:
+        raise VerifyError(
+            f"{target.name} output written by {encoder} does not decode to the input "
+            f"with {check.decoder}: max abs error {check.max_error}, allowed {limit}"
+        )
+    return check.note(library)

@@ -37,12 +37,18 @@ class CompressSpec:
     transfer_syntax: UID
     plugin: str | None = None
     max_error: int | None = None  # JPEG-LS near-lossless NEAR
-    compression_ratio: float | None = None  # JPEG 2000 lossy
-    psnr: float | None = None  # JPEG 2000 lossy
+    compression_ratio: float | None = None  # JPEG 2000 / HTJ2K lossy
+    psnr: float | None = None  # JPEG 2000 / HTJ2K lossy
+    quality: int | None = None  # JPEG baseline, 1-100
     new_uid_on_lossy: bool = True
-    # Decode lossless output once and compare it with the input before accepting it.
-    # Costs about one decode per instance; lossy output is always verified.
+    # Config key ``verify``: decode the output with a decoder built on another library
+    # than the encoder (where one is installed) and compare it with the input: bit-exact
+    # for lossless, within max_error for near-lossless. A mismatch keeps the original.
+    # Costs about one decode per instance.
     verify_lossless: bool = False
+    # Lossy coding of data that was already lossy compressed piles up artefacts, so it
+    # is refused (the instance passes through) unless the rule opts in.
+    allow_lossy_recompression: bool = False
 
 
 @dataclass

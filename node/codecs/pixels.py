@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.pixels import get_decoder
+from pydicom.pixels.utils import pack_bits
 from pydicom.uid import UID
 
 # Decoders hand back sub-sampled colour (YBR_FULL_422) already up-sampled to full
@@ -117,10 +118,6 @@ def check_encodable(ds: Dataset) -> None:
         raise PixelFormatError(
             f"Bits Stored {bits_stored} does not fit Bits Allocated {bits_allocated}"
         )
-    if embedded_overlay_groups(ds):
-        raise PixelFormatError(
-            "overlay stored in the unused pixel bits; compressing would erase it"
-        )
 
 
 def embedded_overlay_groups(ds: Dataset) -> list[int]:
@@ -136,6 +133,62 @@ def embedded_overlay_groups(ds: Dataset) -> list[int]:
         if (group, 0x3000) not in ds:
             groups.append(group)
     return groups
+
+
+def move_embedded_overlays(ds: Dataset, syntax: UID) -> list[str]:
+    """Copy overlays kept in unused pixel bits into Overlay Data (60xx,3000), in place.
+
+    The bits above Bits Stored are cleared before encoding, which would erase such an
+    overlay; DCMTK's encoders move it out first (``DcmCodec::adjustOverlays``), and so
+    does this. Raises PixelFormatError when it cannot be moved safely.
+    """
+    groups = embedded_overlay_groups(ds)
+    if not groups:
+        return []
+    if syntax.is_compressed:
+        raise PixelFormatError(
+            "overlay declared without Overlay Data in compressed pixel data; cannot extract it"
+        )
+    words = _native_words(ds)
+    notes = []
+    for group in groups:
+        notes.append(_move_overlay(ds, group, words))
+    return notes
+
+
+def _native_words(ds: Dataset) -> np.ndarray:
+    """Native little endian pixel words as (frames, rows, columns), unsigned."""
+    if int(ds.get("SamplesPerPixel", 1)) != 1:
+        raise PixelFormatError("overlay in the pixel bits of a colour image; cannot extract it")
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    frames = int(ds.get("NumberOfFrames") or 1)
+    dtype = np.dtype(f"<u{int(ds.BitsAllocated) // 8}")
+    count = rows * cols * frames
+    words = np.frombuffer(ds.PixelData, dtype=dtype, count=count)
+    return words.reshape(frames, rows, cols)
+
+
+def _move_overlay(ds: Dataset, group: int, words: np.ndarray) -> str:
+    name = f"overlay {group:04X}"
+    elem = ds.get((group, 0x0102))  # Overlay Bit Position
+    bit = None if elem is None else int(elem.value)
+    if bit is None or not int(ds.BitsStored) <= bit < words.itemsize * 8:
+        raise PixelFormatError(
+            f"{name} in the pixel data (bit {bit}) is not above Bits Stored; cannot extract it"
+        )
+    rows, cols = int(ds[group, 0x0010].value), int(ds[group, 0x0011].value)
+    if (rows, cols) != words.shape[1:]:
+        raise PixelFormatError(f"{name} is {rows}x{cols}, not the image size; cannot extract it")
+    first = int(ds[group, 0x0051].value) - 1 if (group, 0x0051) in ds else 0  # Image Frame Origin
+    count = int(ds[group, 0x0015].value) if (group, 0x0015) in ds else 1  # Frames in Overlay
+    selected = words[first : first + count]
+    if selected.shape[0] != count:
+        raise PixelFormatError(f"{name} refers to frames the image does not have")
+    plane = (selected >> np.array(bit, dtype=words.dtype)) & 1
+    ds.add_new((group, 0x3000), "OW", pack_bits(plane.ravel().astype(np.uint8)))
+    ds.add_new((group, 0x0100), "US", 1)  # Overlay Bits Allocated
+    ds[group, 0x0102].value = 0
+    return f"{name} moved from pixel bit {bit} to Overlay Data ({group:04X},3000)"
 
 
 def one_line(exc: BaseException) -> str:

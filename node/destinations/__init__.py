@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from node.config import Config
+from node.config import Config, DicomDestination, FolderDestination
+from node.errors import ConfigError
 from node.spool import Spool
 
 
@@ -25,4 +26,31 @@ class Runner(Protocol):
 
 def start_runners(config: Config, spool: Spool) -> dict[str, Runner]:
     """One started runner per destination that has an outbox to work on."""
-    return {}
+    # Imported here: node.destinations.folder is imported by workers, which need
+    # neither pynetdicom's SCU side nor the runners.
+    from node.destinations.dicom import DicomRunner
+    from node.destinations.folder_retry import FolderRetryRunner
+
+    for name, dest in config.destinations.items():
+        if isinstance(dest, DicomDestination) and dest.storage_commitment:
+            raise ConfigError(
+                f"destinations.{name}.storage_commitment: not supported yet; remove the key "
+                "or set it to false"
+            )
+    runners: dict[str, Runner] = {}
+    try:
+        for name, dest in config.destinations.items():
+            runner: Runner
+            if isinstance(dest, DicomDestination):
+                runner = DicomRunner(dest, spool)
+            elif isinstance(dest, FolderDestination):
+                runner = FolderRetryRunner(dest, spool)
+            else:
+                continue
+            runner.start()
+            runners[name] = runner
+    except BaseException:
+        for runner in runners.values():
+            runner.stop(timeout=5.0)
+        raise
+    return runners
