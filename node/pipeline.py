@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import queue
 import threading
 from collections.abc import Callable
@@ -18,7 +19,7 @@ from pathlib import Path
 
 from node.config import Config
 from node.spool import Spool
-from node.workers import Outcome, process_incoming, warm_up
+from node.workers import Outcome, die_with_parent, process_incoming, warm_up
 
 log = logging.getLogger("dicom_node.pipeline")
 
@@ -90,6 +91,8 @@ class Pipeline:
         return ProcessPoolExecutor(
             max_workers=self.config.node.worker_count,
             mp_context=multiprocessing.get_context("spawn"),
+            initializer=die_with_parent,
+            initargs=(os.getpid(),),
         )
 
     def _warm_up(self) -> None:

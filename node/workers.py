@@ -6,7 +6,10 @@ reports what it did as an :class:`Outcome`; the main process does the logging.
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from io import BytesIO
@@ -23,6 +26,8 @@ from node.destinations import folder
 from node.fsutil import link_or_copy_durably, makedirs_durably, write_durably
 from node.rules import Origin, first_match
 from node.spool import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, Spool
+
+PR_SET_PDEATHSIG = 1  # from <sys/prctl.h>
 
 
 @dataclass
@@ -44,6 +49,30 @@ class Outcome:
     delivered: list[str] = field(default_factory=list)
     queued: list[str] = field(default_factory=list)  # pending in a destination's outbox
     errors: list[str] = field(default_factory=list)
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Worker initializer: end this worker when the node process ends, however it ends.
+
+    A worker blocks on its task queue, whose write end it holds itself, so it never
+    sees EOF when the node is killed with SIGKILL: without this, every kill -9 left
+    the workers behind for good. (PDEATHSIG follows the thread that started the
+    worker; the pipeline starts workers from its main and dispatcher threads, which
+    live as long as the node.)
+    """
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux: watch the parent instead
+        threading.Thread(target=_exit_when_orphaned, args=(parent_pid,), daemon=True).start()
+    if os.getppid() != parent_pid:  # the node died before prctl took effect
+        os._exit(1)
+
+
+def _exit_when_orphaned(parent_pid: int) -> None:
+    while os.getppid() == parent_pid:
+        time.sleep(1.0)
+    os._exit(1)
 
 
 def warm_up() -> int:
