@@ -307,7 +307,11 @@ def _setup_logging(level: str, log_format: str = "text") -> None:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=getattr(logging, level), handlers=[handler])
     # pynetdicom logs every PDU at INFO; keep its own chatter at warnings.
-    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    # pynetdicom logs every refused connection and broken PDU at ERROR; the node logs
+    # what matters of those itself (one line per association or retry).
+    logging.getLogger("pynetdicom").setLevel(
+        logging.WARNING if level == "DEBUG" else logging.CRITICAL
+    )
 
 
 if __name__ == "__main__":

@@ -397,12 +397,22 @@ def _parse_dicom(
         ),
         fallback=fallback,
         retry=_parse_retry(body.get("retry") or {}, f"{where}.retry"),
-        storage_commitment=_bool(
-            body.get("storage_commitment", False), f"{where}.storage_commitment"
+        storage_commitment=_no_storage_commitment_yet(
+            _bool(body.get("storage_commitment", False), f"{where}.storage_commitment"),
+            f"{where}.storage_commitment",
         ),
         timeout=_duration(body.get("timeout", 30), f"{where}.timeout"),
         max_pdu=_int(body.get("max_pdu", DEFAULT_MAX_PDU), f"{where}.max_pdu", minimum=4096),
     )
+
+
+def _no_storage_commitment_yet(wanted: bool, where: str) -> bool:
+    # Refused rather than ignored: a site that asks for commitment relies on it.
+    if wanted:
+        raise ConfigError(
+            f"{where}: Storage Commitment is not supported yet; remove the key or set it to false"
+        )
+    return False
 
 
 def _parse_retry(raw: Any, where: str) -> RetryPolicy:

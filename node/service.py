@@ -135,8 +135,7 @@ class Node:
         self.pipeline.stop()
         if self.metrics_server is not None:
             self.metrics_server.shutdown()
-        for runner in self.runners.values():
-            runner.stop()
+        stop_all(self.runners)
         log.info("stopped; %d instance(s) wait in the spool", len(self.spool.list_incoming()))
 
     def reload(self, config_path: str | None) -> None:
@@ -149,8 +148,7 @@ class Node:
         config = self._keep_listening_settings(config)
         if self._gatekeeper is not None:
             self._gatekeeper.settings = config.node  # the next association sees it
-        for runner in self.runners.values():
-            runner.stop()
+        stop_all(self.runners)
         self.config = config
         self.pipeline.reconfigure(config)
         self.runners = start_runners(config, self.spool)
@@ -186,6 +184,15 @@ class Node:
 
     def status_line(self) -> str:
         return f"{self.pipeline.backlog()} instance(s) waiting for workers"
+
+
+def stop_all(runners: dict[str, Runner]) -> None:
+    """Stop the runners side by side: one black-holed peer must not hold up the rest."""
+    threads = [threading.Thread(target=r.stop, name=f"stop-{n}") for n, r in runners.items()]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
 
 
 def run_until_signalled(config: Config, config_path: str | None) -> None:

@@ -112,6 +112,14 @@ def test_relative_paths_resolve_against_the_config_folder() -> None:
             "destinations.archive.layout: must contain {SOPInstanceUID}",
         ),
         (("port: 11112", "port: 11113"), None),
+        (
+            (
+                "archive: {type: folder, path: archive}",
+                "archive: {type: folder, path: archive}\n  pacs: {type: dicom, host: h, port: 104, "
+                "ae_title: P, storage_commitment: true}",
+            ),
+            "destinations.pacs.storage_commitment: Storage Commitment is not supported yet",
+        ),
     ],
 )
 def test_bad_config_names_the_place(change: tuple[str, str], message: str | None) -> None:

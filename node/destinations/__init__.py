@@ -9,7 +9,6 @@ from __future__ import annotations
 from typing import Protocol
 
 from node.config import Config, DicomDestination, FolderDestination
-from node.errors import ConfigError
 from node.spool import Spool
 
 
@@ -31,12 +30,6 @@ def start_runners(config: Config, spool: Spool) -> dict[str, Runner]:
     from node.destinations.dicom import DicomRunner
     from node.destinations.folder_retry import FolderRetryRunner
 
-    for name, dest in config.destinations.items():
-        if isinstance(dest, DicomDestination) and dest.storage_commitment:
-            raise ConfigError(
-                f"destinations.{name}.storage_commitment: not supported yet; remove the key "
-                "or set it to false"
-            )
     runners: dict[str, Runner] = {}
     try:
         for name, dest in config.destinations.items():

@@ -170,17 +170,26 @@ def new_ae(dest: DicomDestination) -> AE:
 
 def associate(ae: AE, dest: DicomDestination, contexts: list[PresentationContext]) -> Association:
     """An established association, or :class:`AssociationFailed` saying why not."""
+    connected = threading.Event()
+
+    def on_open(event: Event) -> None:
+        _no_delay(event)
+        connected.set()
+
     assoc = ae.associate(
         dest.host,
         dest.port,
         contexts=contexts,
         ae_title=dest.ae_title,
         max_pdu=dest.max_pdu,
-        evt_handlers=[(evt.EVT_CONN_OPEN, _no_delay)],
+        evt_handlers=[(evt.EVT_CONN_OPEN, on_open)],
     )
     if assoc.is_established:
         return assoc
     where = f"{dest.ae_title}@{dest.host}:{dest.port}"
+    if not connected.is_set():
+        # pynetdicom reports a refused connection as an aborted association.
+        raise AssociationFailed(f"cannot connect to {where} (refused, unreachable or timed out)")
     if assoc.is_rejected:
         rsp = assoc.acceptor.primitive
         result = getattr(rsp, "result", None)
@@ -195,9 +204,7 @@ def associate(ae: AE, dest: DicomDestination, contexts: list[PresentationContext
             permanent=True,
             no_contexts=True,
         )
-    if assoc.is_aborted:
-        raise AssociationFailed(f"{where} aborted the association request")
-    raise AssociationFailed(f"cannot connect to {where} (refused, unreachable or timed out)")
+    raise AssociationFailed(f"{where} aborted or did not answer the association request")
 
 
 # --------------------------------------------------------------------------- runner
