@@ -50,6 +50,15 @@ class FolderDestination:
 
 
 @dataclass(frozen=True)
+class ClientTls:
+    """DICOM TLS towards a peer: the CA that signed its certificate, and ours if it asks."""
+
+    ca: Path
+    certificate: Path | None = None
+    private_key: Path | None = None
+
+
+@dataclass(frozen=True)
 class DicomDestination:
     name: str
     host: str
@@ -61,8 +70,11 @@ class DicomDestination:
     fallback: Literal["uncompressed", "fail"] = "uncompressed"
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     storage_commitment: bool = False
+    # Seconds to wait for the peer's N-EVENT-REPORT before the instances are sent again.
+    commitment_timeout: float = 3600.0
     timeout: float = 30.0
     max_pdu: int = DEFAULT_MAX_PDU
+    tls: ClientTls | None = None
     type: Literal["dicom"] = "dicom"
 
 
@@ -130,6 +142,7 @@ class NodeSettings:
     dimse_timeout: float = 60.0
     network_timeout: float = 60.0
     min_free_space: int = 64 * 1024 * 1024  # bytes the spool keeps free; below it: A700
+    max_dataset_size: int = 2 * 1024**3  # a larger data set aborts its association
 
     @property
     def worker_count(self) -> int:
@@ -205,6 +218,7 @@ def _parse_node(raw: Any, base_dir: Path) -> NodeSettings:
             "dimse_timeout",
             "network_timeout",
             "min_free_space",
+            "max_dataset_size",
         ),
     )
     defaults = NodeSettings()
@@ -247,6 +261,9 @@ def _parse_node(raw: Any, base_dir: Path) -> NodeSettings:
         ),
         min_free_space=_bytes(
             raw.get("min_free_space", defaults.min_free_space), f"{where}.min_free_space"
+        ),
+        max_dataset_size=_bytes(
+            raw.get("max_dataset_size", defaults.max_dataset_size), f"{where}.max_dataset_size"
         ),
         spool=_path(raw.get("spool", str(defaults.spool)), f"{where}.spool", base_dir),
         workers=workers,
@@ -297,19 +314,14 @@ def _parse_tls(raw: Any, where: str, base_dir: Path) -> TlsSettings:
     for key in ("port", "certificate", "private_key"):
         if key not in raw:
             raise ConfigError(f"{where}.{key}: required for DICOM TLS")
-    files = {}
-    for key in ("certificate", "private_key", "client_ca"):
-        if raw.get(key) is None:
-            continue
-        path = _path(raw[key], f"{where}.{key}", base_dir)
-        if not path.is_file():
-            raise ConfigError(f"{where}.{key}: {path} does not exist or is not a file")
-        files[key] = path
+    client_ca = raw.get("client_ca")
     return TlsSettings(
         port=_port(raw["port"], f"{where}.port"),
-        certificate=files["certificate"],
-        private_key=files["private_key"],
-        client_ca=files.get("client_ca"),
+        certificate=_existing_file(raw["certificate"], f"{where}.certificate", base_dir),
+        private_key=_existing_file(raw["private_key"], f"{where}.private_key", base_dir),
+        client_ca=None
+        if client_ca is None
+        else _existing_file(client_ca, f"{where}.client_ca", base_dir),
     )
 
 
@@ -337,7 +349,7 @@ def _parse_destinations(raw: Any, base_dir: Path, node: NodeSettings) -> dict[st
         if kind == "folder":
             result[name] = _parse_folder(name, body, where, base_dir)
         elif kind == "dicom":
-            result[name] = _parse_dicom(name, body, where, node)
+            result[name] = _parse_dicom(name, body, where, node, base_dir)
         else:
             raise ConfigError(
                 f"{where}.type: {kind!r} is not a destination type; known: folder, dicom"
@@ -357,7 +369,7 @@ def _parse_folder(name: str, body: dict[str, Any], where: str, base_dir: Path) -
 
 
 def _parse_dicom(
-    name: str, body: dict[str, Any], where: str, node: NodeSettings
+    name: str, body: dict[str, Any], where: str, node: NodeSettings, base_dir: Path
 ) -> DicomDestination:
     _reject_unknown(
         body,
@@ -373,8 +385,10 @@ def _parse_dicom(
             "fallback",
             "retry",
             "storage_commitment",
+            "commitment_timeout",
             "timeout",
             "max_pdu",
+            "tls",
         ),
     )
     for key in ("host", "port", "ae_title"):
@@ -397,22 +411,36 @@ def _parse_dicom(
         ),
         fallback=fallback,
         retry=_parse_retry(body.get("retry") or {}, f"{where}.retry"),
-        storage_commitment=_no_storage_commitment_yet(
-            _bool(body.get("storage_commitment", False), f"{where}.storage_commitment"),
-            f"{where}.storage_commitment",
+        storage_commitment=_bool(
+            body.get("storage_commitment", False), f"{where}.storage_commitment"
+        ),
+        commitment_timeout=_duration(
+            body.get("commitment_timeout", 3600), f"{where}.commitment_timeout"
         ),
         timeout=_duration(body.get("timeout", 30), f"{where}.timeout"),
         max_pdu=_int(body.get("max_pdu", DEFAULT_MAX_PDU), f"{where}.max_pdu", minimum=4096),
+        tls=_parse_client_tls(body["tls"], f"{where}.tls", base_dir) if body.get("tls") else None,
     )
 
 
-def _no_storage_commitment_yet(wanted: bool, where: str) -> bool:
-    # Refused rather than ignored: a site that asks for commitment relies on it.
-    if wanted:
+def _parse_client_tls(raw: Any, where: str, base_dir: Path) -> ClientTls:
+    _expect_mapping(raw, where)
+    _reject_unknown(raw, where, ("ca", "certificate", "private_key"))
+    if "ca" not in raw:
         raise ConfigError(
-            f"{where}: Storage Commitment is not supported yet; remove the key or set it to false"
+            f"{where}.ca: required: the CA certificate(s) that signed the peer's certificate"
         )
-    return False
+    if ("certificate" in raw) != ("private_key" in raw):
+        raise ConfigError(f"{where}: give both certificate and private_key, or neither")
+    files = {key: _existing_file(raw[key], f"{where}.{key}", base_dir) for key in raw}
+    return ClientTls(files["ca"], files.get("certificate"), files.get("private_key"))
+
+
+def _existing_file(value: Any, where: str, base_dir: Path) -> Path:
+    path = _path(value, where, base_dir)
+    if not path.is_file():
+        raise ConfigError(f"{where}: {path} does not exist or is not a file")
+    return path
 
 
 def _parse_retry(raw: Any, where: str) -> RetryPolicy:

@@ -28,7 +28,9 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 class _Depths(Collector):
     """Queue depths, read when scraped rather than tracked on every change."""
 
-    def __init__(self, backlog: Callable[[], int], outboxes: Callable[[], dict[str, int]]) -> None:
+    def __init__(
+        self, backlog: Callable[[], int], outboxes: Callable[[], dict[str, tuple[int, int]]]
+    ) -> None:
         self._backlog = backlog
         self._outboxes = outboxes
 
@@ -41,13 +43,22 @@ class _Depths(Collector):
             "Instances waiting in a destination's outbox",
             labels=["destination"],
         )
-        for name, depth in self._outboxes().items():
-            pending.add_metric([name], depth)
+        failed = GaugeMetricFamily(
+            "dicom_node_outbox_failed",
+            "Instances a destination gave up on (in its failed/ folder)",
+            labels=["destination"],
+        )
+        for name, (waiting, given_up) in self._outboxes().items():
+            pending.add_metric([name], waiting)
+            failed.add_metric([name], given_up)
         yield pending
+        yield failed
 
 
 class Metrics:
-    def __init__(self, backlog: Callable[[], int], outboxes: Callable[[], dict[str, int]]) -> None:
+    def __init__(
+        self, backlog: Callable[[], int], outboxes: Callable[[], dict[str, tuple[int, int]]]
+    ) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.instances_received = Counter(

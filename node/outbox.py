@@ -288,6 +288,8 @@ class Scheduler:
         self._lock = threading.Lock()
         self._states: dict[str, ItemState] = {}
         self._claimed: set[str] = set()
+        # Stored at the peer, awaiting its Storage Commitment: not to be sent again.
+        self._held: set[str] = set()
 
     def claim(
         self, limit: int, accept: Callable[[str], bool] | None = None
@@ -308,7 +310,7 @@ class Scheduler:
             for item_id in ids:
                 if len(chosen) >= limit:
                     break
-                if item_id in self._claimed:
+                if item_id in self._claimed or item_id in self._held:
                     continue
                 state = self._state(item_id)
                 if state.next_attempt > now:
@@ -326,12 +328,23 @@ class Scheduler:
             return sum(
                 1
                 for i in self.outbox.pending_ids()
-                if i not in self._claimed and self._state(i).next_attempt <= now
+                if i not in self._claimed
+                and i not in self._held
+                and self._state(i).next_attempt <= now
             )
 
     def release(self, item_ids: Iterable[str]) -> None:
         with self._lock:
             self._claimed.difference_update(item_ids)
+
+    def hold(self, item_ids: Iterable[str]) -> None:
+        """Keep instances out of :meth:`claim` until :meth:`unhold` (awaiting commitment)."""
+        with self._lock:
+            self._held.update(item_ids)
+
+    def unhold(self, item_ids: Iterable[str]) -> None:
+        with self._lock:
+            self._held.difference_update(item_ids)
 
     def state(self, item_id: str) -> ItemState:
         with self._lock:
@@ -341,6 +354,7 @@ class Scheduler:
         self.outbox.delivered(item_id)
         with self._lock:
             self._states.pop(item_id, None)
+            self._held.discard(item_id)
 
     def fail(self, item_id: str, failure: Failure, sop_instance_uid: str = "") -> None:
         state = self.state(item_id)

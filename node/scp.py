@@ -27,7 +27,7 @@ from pydicom.uid import UID
 from pynetdicom import AE, evt
 from pynetdicom.events import Event
 from pynetdicom.presentation import PresentationContext
-from pynetdicom.sop_class import Verification
+from pynetdicom.sop_class import StorageCommitmentPushModel, Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
 from node.config import NodeSettings, TlsSettings
@@ -73,6 +73,10 @@ CALLED_AE_NOT_RECOGNISED = 0x07
 _TRANSFER_SYNTAXES_NOT_SUPPORTED = 0x04
 
 Submit = Callable[[Path], None]
+# Hands a Storage Commitment N-EVENT-REPORT (event type, event information) to the
+# destination whose transaction it settles; returns the status to answer.
+CommitmentReport = Callable[[int, Dataset | None], int]
+PROCESSING_FAILURE = 0x0110
 
 
 class NoDelayAssociationServer(ThreadedAssociationServer):
@@ -109,6 +113,14 @@ def build_ae(settings: NodeSettings) -> AE:
     ae.acse_timeout = settings.acse_timeout
     ae.dimse_timeout = settings.dimse_timeout
     ae.add_supported_context(Verification, list(ACCEPTED_TRANSFER_SYNTAXES[:3]))
+    # A PACS that confirms Storage Commitment on a new association opens it to us and
+    # proposes the SCP role for itself (PS3.4 J.3.3, PS3.7 D.3.3.4): accept that role.
+    ae.add_supported_context(
+        StorageCommitmentPushModel,
+        list(ACCEPTED_TRANSFER_SYNTAXES[:2]),
+        scu_role=False,
+        scp_role=True,
+    )
     return ae
 
 
@@ -174,15 +186,44 @@ class _Traffic:
     instances: int = 0
     failures: int = 0
     bytes: int = 0
+    unanswered: int = 0  # bytes received since the last C-STORE was answered
+    aborted: bool = False
 
 
 class AssociationLog:
-    """One log line per association: peer, AE titles, instances, bytes, duration."""
+    """One log line per association: peer, AE titles, instances, bytes, duration.
 
-    def __init__(self, metrics: Metrics | None = None) -> None:
+    It also aborts an association whose data set grows past ``max_dataset_size``:
+    pynetdicom gathers a whole data set in memory before the handler sees it.
+    """
+
+    def __init__(
+        self, metrics: Metrics | None = None, max_dataset_size: Callable[[], int] | None = None
+    ) -> None:
         self._lock = threading.Lock()
         self._open: dict[int, _Traffic] = {}
         self._metrics = metrics
+        self._max_dataset_size = max_dataset_size
+
+    def received(self, event: Event) -> None:
+        if self._max_dataset_size is None:
+            return
+        with self._lock:
+            traffic = self._open.setdefault(id(event.assoc), _Traffic())
+            traffic.unanswered += len(event.data)
+            too_big = traffic.unanswered > self._max_dataset_size() and not traffic.aborted
+            traffic.aborted |= too_big
+        if too_big:
+            requestor = event.assoc.requestor
+            log.warning(
+                "aborting the association with %s at %s: data set larger than "
+                "node.max_dataset_size (%d bytes)",
+                requestor.ae_title,
+                requestor.address,
+                self._max_dataset_size(),
+            )
+            # Not from this thread: it is the one abort() waits for.
+            threading.Thread(target=event.assoc.abort, daemon=True).start()
 
     def opened(self, event: Event) -> None:
         with self._lock:
@@ -196,6 +237,7 @@ class AssociationLog:
             traffic.instances += ok
             traffic.failures += not ok
             traffic.bytes += size
+            traffic.unanswered = 0
 
     def closed(self, event: Event, how: str) -> None:
         with self._lock:
@@ -296,12 +338,19 @@ def server_tls_context(tls: TlsSettings) -> ssl.SSLContext:
 
 
 def handlers(
-    spool: Spool, submit: Submit, gatekeeper: Gatekeeper, metrics: Metrics | None = None
+    spool: Spool,
+    submit: Submit,
+    gatekeeper: Gatekeeper,
+    metrics: Metrics | None = None,
+    commitment_report: CommitmentReport | None = None,
 ) -> list[Any]:
-    associations = AssociationLog(metrics)
+    associations = AssociationLog(metrics, lambda: gatekeeper.settings.max_dataset_size)
+    report = commitment_report or _no_commitment_expected
     return [
         (evt.EVT_REQUESTED, gatekeeper.check),
+        (evt.EVT_DATA_RECV, associations.received),
         (evt.EVT_C_ECHO, handle_echo),
+        (evt.EVT_N_EVENT_REPORT, handle_event_report, [report]),
         (evt.EVT_C_STORE, handle_store, [spool, submit, associations]),
         (evt.EVT_ACCEPTED, lambda event: associations.opened(event)),
         (evt.EVT_RELEASED, associations.closed, ["released"]),
@@ -311,6 +360,26 @@ def handlers(
 
 def handle_echo(event: Event) -> int:
     return SUCCESS
+
+
+def handle_event_report(event: Event, report: CommitmentReport) -> tuple[int, None]:
+    """A Storage Commitment result: hand it to its destination and answer; no network work."""
+    request = event.request
+    if request.AffectedSOPClassUID != StorageCommitmentPushModel:
+        return PROCESSING_FAILURE, None
+    try:
+        return report(int(request.EventTypeID), event.event_information), None
+    except Exception:  # a bug must not kill the association; the peer may report again
+        log.exception("cannot process a storage commitment report from %s", _caller(event))
+        return PROCESSING_FAILURE, None
+
+
+def _no_commitment_expected(event_type: int, info: Dataset | None) -> int:
+    return PROCESSING_FAILURE
+
+
+def _caller(event: Event) -> str:
+    return str(event.assoc.requestor.ae_title)
 
 
 def handle_store(

@@ -9,11 +9,14 @@ import threading
 import time
 from dataclasses import replace
 from http.server import ThreadingHTTPServer
+from pathlib import Path
 
+from pydicom.dataset import Dataset
 from pynetdicom import AE
 
 from node.config import Config, load_config
 from node.destinations import Runner, start_runners
+from node.destinations.commitment import INVALID_ARGUMENT, transaction_uid
 from node.errors import ConfigError, StartupError
 from node.metrics import Metrics, start_metrics
 from node.pipeline import Pipeline
@@ -68,7 +71,13 @@ class Node:
         settings = self.config.node
         self._ae = build_ae(settings)
         self._gatekeeper = Gatekeeper(settings)
-        evt_handlers = handlers(self.spool, self.pipeline.submit, self._gatekeeper, self.metrics)
+        evt_handlers = handlers(
+            self.spool,
+            self.pipeline.submit,
+            self._gatekeeper,
+            self.metrics,
+            commitment_report=self._commitment_report,
+        )
         listeners: list[tuple[int, ssl.SSLContext | None]] = []
         if settings.port is not None:
             listeners.append((settings.port, None))
@@ -106,12 +115,22 @@ class Node:
             out.append(f"{host}:{port}" + (" (TLS)" if server.ssl_context else ""))
         return out
 
-    def _outbox_depths(self) -> dict[str, int]:
+    def _outbox_depths(self) -> dict[str, tuple[int, int]]:
+        """(pending, failed) per destination, counted when metrics are scraped."""
         return {
-            name: sum(1 for _ in self.spool.pending_dir(name).glob("*.dcm"))
+            name: (_count(self.spool.pending_dir(name)), _count(self.spool.failed_dir(name)))
             for name in self.config.destinations
-            if self.spool.pending_dir(name).is_dir()
         }
+
+    def _commitment_report(self, event_type: int, info: Dataset | None) -> int:
+        """Route a Storage Commitment report to the destination that owns its transaction."""
+        uid = transaction_uid(info)
+        for runner in list(self.runners.values()):
+            commitments = getattr(runner, "commitments", None)
+            if commitments is not None and commitments.knows(uid):
+                return commitments.report(event_type, info)
+        log.warning("storage commitment report for unknown transaction %r ignored", uid)
+        return INVALID_ARGUMENT
 
     def _routed(self, outcome: Outcome) -> None:
         self.metrics.routed_instance(outcome)
@@ -184,6 +203,10 @@ class Node:
 
     def status_line(self) -> str:
         return f"{self.pipeline.backlog()} instance(s) waiting for workers"
+
+
+def _count(folder: Path) -> int:
+    return sum(1 for _ in folder.glob("*.dcm")) if folder.is_dir() else 0
 
 
 def stop_all(runners: dict[str, Runner]) -> None:

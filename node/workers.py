@@ -19,7 +19,7 @@ import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
 
-from node.codecs import compress_dataset
+from node.codecs import compress_dataset, passthrough
 from node.codecs.base import CompressResult
 from node.config import Config, DicomDestination, FolderDestination, Rule
 from node.destinations import folder
@@ -110,7 +110,7 @@ def process_incoming(config: Config, path_text: str) -> Outcome:
         outcome.status, outcome.reason = "unrouted", reason
         return outcome
     outcome.rule = rule.name
-    result = _apply_rule(rule, ds)
+    result = _apply_rule(rule, ds, path)
     outcome.transfer_syntax = str(result.transfer_syntax)
     outcome.compressed, outcome.lossy = result.compressed, result.lossy
     outcome.reason, outcome.notes = result.reason, list(result.notes)
@@ -120,11 +120,18 @@ def process_incoming(config: Config, path_text: str) -> Outcome:
     return outcome
 
 
-def _apply_rule(rule: Rule, ds: Dataset) -> CompressResult:
+def _apply_rule(rule: Rule, ds: Dataset, path: Path) -> CompressResult:
     if rule.compress is None:
         ts = ds.file_meta.TransferSyntaxUID
         return CompressResult(dataset=ds, transfer_syntax=ts, compressed=False)
-    return compress_dataset(ds, rule.compress)
+    # The worker owns ds: no defensive copy. A pass-through may find ds half-changed,
+    # so it starts again from the file, which is still in incoming/.
+    result = compress_dataset(ds, rule.compress, copy_input=False)
+    if result.reason is not None:
+        kept = passthrough(pydicom.dcmread(path), result.reason)
+        kept.notes = result.notes
+        return kept
+    return result
 
 
 def _hand_over(

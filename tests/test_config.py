@@ -116,9 +116,9 @@ def test_relative_paths_resolve_against_the_config_folder() -> None:
             (
                 "archive: {type: folder, path: archive}",
                 "archive: {type: folder, path: archive}\n  pacs: {type: dicom, host: h, port: 104, "
-                "ae_title: P, storage_commitment: true}",
+                "ae_title: P, storage_commitment: true, commitment_timeout: soon}",
             ),
-            "destinations.pacs.storage_commitment: Storage Commitment is not supported yet",
+            "destinations.pacs.commitment_timeout: 'soon' is not a duration",
         ),
     ],
 )

@@ -324,3 +324,27 @@ def test_full_disk_answers_out_of_resources_and_loses_nothing(nodes, tmp_path, t
     storescu(port, files)
     node.wait_archived(len(acknowledged) + len(files))
     assert "No space left on device" in node.log_text()
+
+
+def test_a_data_set_over_the_size_limit_aborts_only_its_association(nodes, tmp_path) -> None:
+    from tests.conftest import default_config, free_port
+
+    root, port = tmp_path / "n", free_port()
+    root.mkdir()
+    config = default_config(root, port).replace(
+        "workers: 2", "workers: 2\n  max_dataset_size: 100KB"
+    )
+    node = nodes.start(config, root=root, port=port)
+    big = images.make_ct(rows=256, cols=256, seed=61)  # 128 KiB of pixels
+    small = images.make_ct(rows=64, cols=64, seed=62)
+    paths = []
+    for name, ds in (("big.dcm", big), ("small.dcm", small)):
+        paths.append(tmp_path / name)
+        ds.save_as(paths[-1], enforce_file_format=True)
+    refused = storescu(port, [paths[0]], check=False)
+    assert refused.returncode != 0
+    node.wait_until(lambda: "larger than node.max_dataset_size" in node.log_text(), 20, "the log")
+    storescu(port, [paths[1]])
+    [out] = node.wait_archived(1)
+    assert pydicom.dcmread(out).SOPInstanceUID == small.SOPInstanceUID
+    assert node.proc.poll() is None

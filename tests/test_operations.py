@@ -262,6 +262,7 @@ def test_metrics_healthz_and_json_logs(nodes, tmp_path) -> None:
     assert "dicom_node_cstore_response_seconds_count 1.0" in text
     assert 'transfer_syntax="1.2.840.10008.1.2.4.80"' in text
     assert "dicom_node_backlog 0.0" in text
+    assert 'dicom_node_outbox_failed{destination="archive"} 0.0' in text
     assert _get(metrics_port, "/healthz") == "ok\n"
 
     node.stop()
@@ -281,3 +282,60 @@ def _write(ds: pydicom.Dataset, folder: Path, name: str) -> Path:
     path = folder / name
     ds.save_as(path, enforce_file_format=True)
     return path
+
+
+def test_forwarding_over_tls_to_a_peer_that_wants_our_certificate(nodes, tmp_path) -> None:
+    """One node forwards to another's TLS port, presenting a client certificate."""
+    certs = make_certificates(tmp_path / "pki")
+    peer_root, peer_port, peer_tls = tmp_path / "peer", free_port(), free_port()
+    peer_root.mkdir()
+    peer = nodes.start(
+        node_config(
+            peer_root,
+            peer_port,
+            f"""
+        tls:
+          port: {peer_tls}
+          certificate: {certs["server.crt"]}
+          private_key: {certs["server.key"]}
+          client_ca: {certs["ca.crt"]}
+        """,
+        ).replace("ae_title: TEST-NODE", "ae_title: PEER"),
+        root=peer_root,
+        port=peer_port,
+    )
+    wait_for_port(peer_tls)
+    root, port = tmp_path / "n", free_port()
+    root.mkdir()
+    config = node_config(
+        root,
+        port,
+        rules="""
+  - name: forward
+    compress: {transfer_syntax: jpeg-ls-lossless}
+    send_to: [peer]
+""",
+    ).replace(
+        "destinations:\n",
+        f"""destinations:
+  peer:
+    type: dicom
+    host: 127.0.0.1
+    port: {peer_tls}
+    ae_title: PEER
+    retry: {{initial: 0.2s, max: 1s}}
+    tls: {{ca: {certs["ca.crt"]}, certificate: {certs["client.crt"]}, private_key: {certs["client.key"]}}}
+""",
+    )
+    node = nodes.start(config, root=root, port=port)
+    ds = images.make_ct(rows=64, cols=64, seed=51)
+    storescu(port, [_write(ds, tmp_path, "tls.dcm")])
+    [out] = peer.wait_archived(1)
+    received = pydicom.dcmread(out)
+    assert received.SOPInstanceUID == ds.SOPInstanceUID
+    assert "(TLS)" in peer.log_text()
+    node.wait_until(
+        lambda: not any((node.spool / "destinations" / "peer" / "pending").glob("*.dcm")),
+        30,
+        "an empty outbox",
+    )

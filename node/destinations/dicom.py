@@ -7,7 +7,9 @@ Explicit and Implicit VR Little Endian in separate contexts, and sends what the
 peer accepts, decompressing when the peer takes only uncompressed data.
 
 An instance leaves the outbox only when the peer answered Success or a Warning
-(delivered) or a failure that retrying cannot fix (moved to ``failed/``).
+(delivered) or a failure that retrying cannot fix (moved to ``failed/``). With
+``storage_commitment: true`` a stored instance stays until the peer commits it
+(see :mod:`node.destinations.commitment`).
 """
 
 from __future__ import annotations
@@ -15,11 +17,13 @@ from __future__ import annotations
 import logging
 import math
 import socket
+import ssl
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pynetdicom._config
@@ -34,7 +38,8 @@ from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.sop_class import Verification
 from pynetdicom.status import code_to_category
 
-from node.config import DicomDestination
+from node.config import ClientTls, DicomDestination
+from node.destinations.commitment import PUSH_MODEL, Commitments, Reference, Transaction
 from node.errors import DeliveryError
 from node.outbox import Failure, Outbox, PeerState, Scheduler, Waker, arrival_time, backoff
 from node.spool import Spool
@@ -45,6 +50,9 @@ UNCOMPRESSED: tuple[UID, ...] = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 MAX_CONTEXTS = 128  # PS3.8 9.3.2.2: context ids are odd numbers 1-255
 POLL_SECONDS = 2.0  # idle re-scan, so that `dicom-node queue retry` is picked up
 LINGER_SECONDS = 0.5  # keep an idle association open this long for new arrivals
+# After an N-ACTION, keep the association open this long for a peer that sends its
+# N-EVENT-REPORT on it; a peer that finds it released opens a new one (PS3.4 J.3.3).
+COMMIT_LINGER_SECONDS = 2.0
 # Failures that may pass by themselves (PS3.4 B.2.3, PS3.7 C): retried with backoff.
 # 0x0110 "Processing failure" is what several archives answer when their disk fails.
 TRANSIENT_STATUSES = frozenset({0x0110, 0x0213})
@@ -125,8 +133,9 @@ def decompressed(path: Path) -> Dataset:
 class ContextPlan:
     """The presentation contexts an association proposes, at most 128."""
 
-    def __init__(self, fallback: str) -> None:
+    def __init__(self, fallback: str, limit: int = MAX_CONTEXTS) -> None:
         self.fallback = fallback
+        self.limit = limit
         self.pairs: list[tuple[UID, UID]] = []
 
     def wanted(self, meta: Meta) -> list[tuple[UID, UID]]:
@@ -139,7 +148,7 @@ class ContextPlan:
 
     def add(self, meta: Meta) -> bool:
         new = [p for p in self.wanted(meta) if p not in self.pairs]
-        if len(self.pairs) + len(new) > MAX_CONTEXTS:
+        if len(self.pairs) + len(new) > self.limit:
             return False
         self.pairs += new
         return True
@@ -158,6 +167,15 @@ def _no_delay(event: Event) -> None:
         sock.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
+def client_tls_context(tls: ClientTls) -> ssl.SSLContext:
+    """TLS 1.2 or newer (PS3.15 B.9); the peer's certificate must be signed by ``tls.ca``."""
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(tls.ca))
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if tls.certificate and tls.private_key:
+        context.load_cert_chain(tls.certificate, tls.private_key)
+    return context
+
+
 def new_ae(dest: DicomDestination) -> AE:
     ae = AE(ae_title=dest.calling_ae_title)
     ae.maximum_pdu_size = dest.max_pdu
@@ -168,7 +186,12 @@ def new_ae(dest: DicomDestination) -> AE:
     return ae
 
 
-def associate(ae: AE, dest: DicomDestination, contexts: list[PresentationContext]) -> Association:
+def associate(
+    ae: AE,
+    dest: DicomDestination,
+    contexts: list[PresentationContext],
+    handlers: list[tuple[evt.EventType, Callable[..., Any]]] | None = None,
+) -> Association:
     """An established association, or :class:`AssociationFailed` saying why not."""
     connected = threading.Event()
 
@@ -182,7 +205,8 @@ def associate(ae: AE, dest: DicomDestination, contexts: list[PresentationContext
         contexts=contexts,
         ae_title=dest.ae_title,
         max_pdu=dest.max_pdu,
-        evt_handlers=[(evt.EVT_CONN_OPEN, on_open)],
+        evt_handlers=[(evt.EVT_CONN_OPEN, on_open), *(handlers or [])],
+        tls_args=(client_tls_context(dest.tls), dest.host) if dest.tls else None,
     )
     if assoc.is_established:
         return assoc
@@ -225,6 +249,15 @@ class DicomRunner:
         self._peer = PeerState()
         self._fallback_logged: set[str] = set()
         self._active: set[Association] = set()
+        self.commitments: Commitments | None = None
+        if dest.storage_commitment:
+            self.commitments = Commitments(
+                self.outbox.pending.parent / "commit",
+                dest.name,
+                dest.commitment_timeout,
+                committed=self._committed,
+                not_committed=self._not_committed,
+            )
 
     # ---------------------------------------------------------------- Runner protocol
 
@@ -235,6 +268,9 @@ class DicomRunner:
         pynetdicom._config.STORE_SEND_CHUNKED_DATASET = True
         self.outbox.create()
         self._peer = self.outbox.read_peer()
+        if self.commitments is not None:
+            # Stored before a restart, still awaiting the peer's report: not sent again yet.
+            self.scheduler.hold(self.commitments.load())
         for n in range(self.dest.max_associations):
             thread = threading.Thread(
                 target=self._sender, name=f"send-{self.dest.name}-{n}", daemon=True
@@ -261,11 +297,13 @@ class DicomRunner:
         ae = new_ae(self.dest)
         while not self._stopping.is_set():
             seen = self.waker.mark()
+            if self.commitments is not None:
+                self.commitments.expire()
             wait = self._peer_wait()
             if wait > 0:
                 self.waker.wait(seen, min(wait, POLL_SECONDS))
                 continue
-            plan = ContextPlan(self.dest.fallback)
+            plan = self._plan()
             batch, next_due = self.scheduler.claim(self._batch_limit(), self._fits(plan))
             if not batch:
                 self.waker.wait(seen, min(next_due, POLL_SECONDS))
@@ -277,6 +315,11 @@ class DicomRunner:
                 self._stopping.wait(1.0)
             finally:
                 self.scheduler.release(batch)
+
+    def _plan(self) -> ContextPlan:
+        # One context id is kept for Storage Commitment when it is wanted.
+        reserved = 1 if self.commitments is not None else 0
+        return ContextPlan(self.dest.fallback, MAX_CONTEXTS - reserved)
 
     def _batch_limit(self) -> int:
         n = self.dest.max_associations
@@ -301,8 +344,13 @@ class DicomRunner:
         batch = [i for i in batch if i not in unreadable]
         if not batch:
             return
+        contexts, handlers = plan.contexts(), []
+        if self.commitments is not None:
+            contexts.append(build_context(PUSH_MODEL))
+            # A peer may send the N-EVENT-REPORT on this very association.
+            handlers.append((evt.EVT_N_EVENT_REPORT, self._event_report))
         try:
-            assoc = associate(ae, self.dest, plan.contexts())
+            assoc = associate(ae, self.dest, contexts, handlers)
         except AssociationFailed as exc:
             self._association_failed(batch, exc)
             return
@@ -310,28 +358,37 @@ class DicomRunner:
             self._active.add(assoc)
         self._peer_ok()
         room = self.dest.instances_per_association
+        stored: dict[str, Reference] = {}
         try:
             queue = batch
             while queue:
                 try:
-                    if not self._send_all(assoc, queue):
+                    if not self._send_all(assoc, queue, stored):
                         return
                 finally:
                     self.scheduler.release(queue)
                 room -= len(queue)
                 queue = self._more(plan, room) if room > 0 else []
         finally:
+            if stored:
+                self._request_commitment(assoc, stored)
             with self._lock:
                 self._active.discard(assoc)
             if assoc.is_established:
                 assoc.release()
 
-    def _send_all(self, assoc: Association, queue: list[str]) -> bool:
-        """Send ``queue`` on ``assoc``; False if the association is no longer usable."""
+    def _send_all(self, assoc: Association, queue: list[str], stored: dict[str, Reference]) -> bool:
+        """Send ``queue`` on ``assoc``; False if the association is no longer usable.
+
+        Instances stored while commitment is wanted are added to ``stored``.
+        """
         for item_id in queue:
             if self._stopping.is_set() or not assoc.is_established:
                 return False
             result = self._store(assoc, item_id)
+            if result.verdict == "delivered" and self.commitments is not None:
+                stored[item_id] = self._stored(item_id, result)
+                continue
             self._settle(item_id, result)
             if result.broken:
                 self._peer_failed(result.error)
@@ -457,6 +514,64 @@ class DicomRunner:
         with self._lock:
             self._metas.pop(item_id, None)
 
+    # ---------------------------------------------------------------- storage commitment
+
+    def _stored(self, item_id: str, result: StoreResult) -> Reference:
+        """Stored, now awaiting commitment: held back from sending, kept in the outbox."""
+        meta = self._meta(item_id)
+        assert meta is not None  # unreadable files never reach an association
+        self.scheduler.hold([item_id])
+        log.debug("%s: %s stored %s", self.dest.name, meta.sop_instance, result.error)
+        return Reference(str(meta.sop_class), str(meta.sop_instance))
+
+    def _request_commitment(self, assoc: Association, stored: dict[str, Reference]) -> None:
+        """Ask the peer to commit ``stored``, on the association that carried them."""
+        assert self.commitments is not None
+        txn = self.commitments.open(stored)
+        context_id = _context_id(assoc, PUSH_MODEL)
+        if not assoc.is_established:
+            error = "association lost before storage commitment could be requested"
+        else:
+            try:
+                error = self.commitments.request(assoc, context_id, txn)
+            except Exception as exc:  # noqa: BLE001 - the instances must not wait for nothing
+                log.exception("%s: storage commitment request failed", self.dest.name)
+                error = f"storage commitment request failed: {exc}"
+        if error:
+            self.commitments.abandon(txn, error)
+            return
+        self._linger_for_report(assoc, txn)
+
+    def _linger_for_report(self, assoc: Association, txn: Transaction) -> None:
+        assert self.commitments is not None
+        deadline = time.monotonic() + min(COMMIT_LINGER_SECONDS, self.dest.timeout)
+        while (
+            self.commitments.knows(txn.uid)
+            and assoc.is_established
+            and not self._stopping.is_set()
+            and time.monotonic() < deadline
+        ):
+            time.sleep(0.02)
+
+    def _event_report(self, event: Event) -> tuple[int, None]:
+        """EVT_N_EVENT_REPORT on the sending association: settle, then answer."""
+        assert self.commitments is not None
+        event_type = int(event.request.EventTypeID)
+        return self.commitments.report(event_type, event.event_information), None
+
+    def _committed(self, item_id: str) -> None:
+        self.scheduler.delivered(item_id)
+        self._forget(item_id)
+
+    def _not_committed(self, item_id: str, reason: str) -> None:
+        """Back to the retry schedule: sent again, or to failed/ after give_up_after."""
+        self.scheduler.unhold([item_id])
+        if not self.outbox.pending_path(item_id).exists():
+            return  # removed meanwhile (e.g. by an operator)
+        self._meta(item_id)
+        self._settle(item_id, StoreResult("transient", reason))
+        self.waker.notify()
+
     # ---------------------------------------------------------------- the peer
 
     def _peer_wait(self) -> float:
@@ -531,6 +646,13 @@ class DicomRunner:
                 self._settle(item_id, StoreResult("gave up", reason))
         finally:
             self.scheduler.release(others)
+
+
+def _context_id(assoc: Association, abstract_syntax: UID) -> int | None:
+    for cx in assoc.accepted_contexts:
+        if cx.abstract_syntax == abstract_syntax:
+            return cx.context_id
+    return None
 
 
 # --------------------------------------------------------------------------- echo
