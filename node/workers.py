@@ -28,6 +28,7 @@ from node.rules import Origin, first_match
 from node.spool import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, Spool
 
 PR_SET_PDEATHSIG = 1  # from <sys/prctl.h>
+DEFER_BYTES = 64 * 1024
 
 
 @dataclass
@@ -91,7 +92,8 @@ def process_incoming(config: Config, path_text: str) -> Outcome:
         outcome.status = "gone"
         return outcome
     try:
-        ds = pydicom.dcmread(path)
+        # Large values (Pixel Data) are read only if a codec asks for them.
+        ds = pydicom.dcmread(path, defer_size=DEFER_BYTES)
         ds.SOPInstanceUID  # noqa: B018 - a data set without it cannot be routed or stored
     except (InvalidDicomError, AttributeError, ValueError, EOFError, OSError, KeyError) as exc:
         reason = f"cannot be read as DICOM: {type(exc).__name__}: {exc}"
@@ -110,6 +112,13 @@ def process_incoming(config: Config, path_text: str) -> Outcome:
         outcome.status, outcome.reason = "unrouted", reason
         return outcome
     outcome.rule = rule.name
+    if rule.compress is None:
+        # Sent as received: the spool file is already a valid Part 10 file, so it is
+        # linked (or copied) to the destinations as it is, without re-encoding.
+        outcome.transfer_syntax = str(ds.file_meta.TransferSyntaxUID)
+        _hand_over(config, spool, rule, ds, path, outcome, received=True)
+        outcome.seconds = time.perf_counter() - started
+        return outcome
     result = _apply_rule(rule, ds, path)
     outcome.transfer_syntax = str(result.transfer_syntax)
     outcome.compressed, outcome.lossy = result.compressed, result.lossy
@@ -121,9 +130,7 @@ def process_incoming(config: Config, path_text: str) -> Outcome:
 
 
 def _apply_rule(rule: Rule, ds: Dataset, path: Path) -> CompressResult:
-    if rule.compress is None:
-        ts = ds.file_meta.TransferSyntaxUID
-        return CompressResult(dataset=ds, transfer_syntax=ts, compressed=False)
+    assert rule.compress is not None
     # The worker owns ds: no defensive copy. A pass-through may find ds half-changed,
     # so it starts again from the file, which is still in incoming/.
     result = compress_dataset(ds, rule.compress, copy_input=False)
@@ -135,7 +142,13 @@ def _apply_rule(rule: Rule, ds: Dataset, path: Path) -> CompressResult:
 
 
 def _hand_over(
-    config: Config, spool: Spool, rule: Rule, ds: Dataset, incoming: Path, outcome: Outcome
+    config: Config,
+    spool: Spool,
+    rule: Rule,
+    ds: Dataset,
+    incoming: Path,
+    outcome: Outcome,
+    received: bool = False,
 ) -> None:
     """Give every destination its copy (written once, then linked), or queue it.
 
@@ -143,9 +156,9 @@ def _hand_over(
     delivery to an archive on another disk. An OSError here (disk full) leaves the
     incoming file in place; the pipeline tries again later.
     """
-    data = encode_part10(ds)
-    outcome.bytes_out = len(data)
-    written: Path | None = None
+    data = b"" if received else encode_part10(ds)
+    outcome.bytes_out = outcome.bytes_in if received else len(data)
+    written: Path | None = incoming if received else None
 
     def put(path: Path) -> None:
         nonlocal written

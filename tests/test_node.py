@@ -260,3 +260,22 @@ def test_rgb_and_multiframe_round_trip_losslessly(nodes, tmp_path, syntax) -> No
         assert out.file_meta.TransferSyntaxUID != EXPLICIT_LE, "was not compressed"
         np.testing.assert_array_equal(stored_values(out), stored_values(ds))
         assert int(out.get("NumberOfFrames", 1)) == int(ds.get("NumberOfFrames", 1))
+
+
+def test_rule_without_compress_stores_the_data_set_as_received(nodes, tmp_path) -> None:
+    node = nodes.start(rules="""
+      - name: as-received
+        send_to: [archive]
+    """)
+    ds = images.make_ct(rows=64, cols=64, seed=71)
+    ds.add_new(0x00091010, "LO", "private value kept")
+    sent = write(ds, tmp_path, "raw.dcm")
+    storescu(node.port, [sent], extra=["-R"])
+    [out] = node.wait_archived(1)
+    kept = pydicom.dcmread(out)
+    assert kept.file_meta.TransferSyntaxUID == EXPLICIT_LE
+    assert kept.file_meta.ImplementationClassUID == "1.2.826.0.1.3680043.10.1497.1"
+    assert kept.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
+    original = pydicom.dcmread(sent)
+    assert kept == original  # every attribute, private ones included, and the pixels
+    node.wait_spool_empty()
