@@ -19,7 +19,7 @@ from pathlib import Path
 
 from node.config import Config
 from node.spool import Spool
-from node.workers import Outcome, die_with_parent, process_incoming, warm_up
+from node.workers import Outcome, init_worker, process_incoming, warm_up
 
 log = logging.getLogger("dicom_node.pipeline")
 
@@ -91,7 +91,7 @@ class Pipeline:
         return ProcessPoolExecutor(
             max_workers=self.config.node.worker_count,
             mp_context=multiprocessing.get_context("spawn"),
-            initializer=die_with_parent,
+            initializer=init_worker,
             initargs=(os.getpid(),),
         )
 

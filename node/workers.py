@@ -29,6 +29,7 @@ from node.spool import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, Sp
 
 PR_SET_PDEATHSIG = 1  # from <sys/prctl.h>
 DEFER_BYTES = 64 * 1024
+WORKER_NICENESS = 5
 
 
 @dataclass
@@ -52,9 +53,10 @@ class Outcome:
     errors: list[str] = field(default_factory=list)
 
 
-def die_with_parent(parent_pid: int) -> None:
-    """Worker initializer: end this worker when the node process ends, however it ends.
+def init_worker(parent_pid: int) -> None:
+    """Worker initializer: die with the node, and yield the CPU to its receiving side.
 
+    The worker must end when the node process ends, however it ends.
     A worker blocks on its task queue, whose write end it holds itself, so it never
     sees EOF when the node is killed with SIGKILL: without this, every kill -9 left
     the workers behind for good. (PDEATHSIG follows the thread that started the
@@ -68,6 +70,9 @@ def die_with_parent(parent_pid: int) -> None:
         threading.Thread(target=_exit_when_orphaned, args=(parent_pid,), daemon=True).start()
     if os.getppid() != parent_pid:  # the node died before prctl took effect
         os._exit(1)
+    # Below the receiving process in the scheduler: on a busy machine the C-STORE
+    # answers come first and the spool absorbs the compression backlog.
+    os.nice(WORKER_NICENESS)
 
 
 def _exit_when_orphaned(parent_pid: int) -> None:
