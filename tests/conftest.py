@@ -105,8 +105,18 @@ class RunningNode:
 
 
 def default_config(
-    root: Path, port: int, rules: str | None = None, extra_destinations: str = "", workers: int = 2
+    root: Path,
+    port: int,
+    rules: str | None = None,
+    extra_destinations: str = "",
+    workers: int = 2,
+    node_extra: str = "",
+    log_level: str = "DEBUG",
 ) -> str:
+    """A node config for tests: folder destination ``archive`` below ``root``.
+
+    ``node_extra`` and ``extra_destinations`` are YAML lines added to those sections.
+    """
     rules = (
         rules
         or """
@@ -123,7 +133,10 @@ def default_config(
       port: {port}
       spool: {root / "spool"}
       workers: {workers}
-      log_level: DEBUG
+      log_level: {log_level}
+    """)
+        + textwrap.indent(textwrap.dedent(node_extra), "  ")
+        + textwrap.dedent(f"""
     destinations:
       archive:
         type: folder

@@ -289,10 +289,8 @@ def test_full_disk_answers_out_of_resources_and_loses_nothing(nodes, tmp_path, t
     from tests.conftest import default_config, free_port
 
     port = free_port()
-    config = (
-        default_config(root, port)
-        .replace(str(root / "spool"), str(tiny_disk / "spool"))
-        .replace("workers: 2", "workers: 2\n  min_free_space: 1MiB")
+    config = default_config(root, port, node_extra="min_free_space: 1MiB").replace(
+        str(root / "spool"), str(tiny_disk / "spool")
     )
     node: RunningNode = nodes.start(config, root=root, port=port)
     node.wait_until(lambda: len(worker_processes(node.proc.pid)) == 2, 30, "workers")
@@ -331,9 +329,7 @@ def test_a_data_set_over_the_size_limit_aborts_only_its_association(nodes, tmp_p
 
     root, port = tmp_path / "n", free_port()
     root.mkdir()
-    config = default_config(root, port).replace(
-        "workers: 2", "workers: 2\n  max_dataset_size: 100KB"
-    )
+    config = default_config(root, port, node_extra="max_dataset_size: 100KB")
     node = nodes.start(config, root=root, port=port)
     big = images.make_ct(rows=256, cols=256, seed=61)  # 128 KiB of pixels
     small = images.make_ct(rows=64, cols=64, seed=62)

@@ -263,10 +263,12 @@ def test_rgb_and_multiframe_round_trip_losslessly(nodes, tmp_path, syntax) -> No
 
 
 def test_rule_without_compress_stores_the_data_set_as_received(nodes, tmp_path) -> None:
-    node = nodes.start(rules="""
+    node = nodes.start(
+        rules="""
       - name: as-received
         send_to: [archive]
-    """)
+    """
+    )
     ds = images.make_ct(rows=64, cols=64, seed=71)
     ds.add_new(0x00091010, "LO", "private value kept")
     sent = write(ds, tmp_path, "raw.dcm")

@@ -6,7 +6,6 @@ import json
 import signal
 import ssl
 import subprocess
-import textwrap
 import urllib.request
 from pathlib import Path
 
@@ -15,38 +14,14 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
 from tests import images
-from tests.conftest import dcmtk, free_port, storescu, wait_for_port
+from tests.conftest import dcmtk, default_config, free_port, storescu, wait_for_port
 
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
 
 
 def node_config(root: Path, port: int, node_extra: str = "", rules: str | None = None) -> str:
-    rules = (
-        rules
-        or """
-  - name: everything
-    compress: {transfer_syntax: jpeg-ls-lossless}
-    send_to: [archive]
-"""
-    )
-    return (
-        textwrap.dedent(f"""
-    node:
-      ae_title: TEST-NODE
-      host: 127.0.0.1
-      port: {port}
-      spool: {root / "spool"}
-      workers: 1
-    """)
-        + textwrap.indent(textwrap.dedent(node_extra), "  ")
-        + textwrap.dedent(f"""
-    destinations:
-      archive: {{type: folder, path: {root / "archive"}}}
-    rules:
-    """)
-        + textwrap.dedent(rules).strip("\n")
-        + "\n"
-    )
+    """One worker and the default log level (INFO), as an operator would run it."""
+    return default_config(root, port, rules, workers=1, node_extra=node_extra, log_level="INFO")
 
 
 def echo(port: int, calling: str, called: str = "TEST-NODE", tls: ssl.SSLContext | None = None):
