@@ -68,6 +68,7 @@ IMPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2"
 EXPLICIT_VR_BIG_ENDIAN = "1.2.840.10008.1.2.2"
 DEFLATED = "1.2.840.10008.1.2.1.99"
 SOP_INSTANCE_UID = 0x00080018
+DUL_POLL_SECONDS = 0.0002
 CALLING_AE_NOT_RECOGNISED = 0x03
 CALLED_AE_NOT_RECOGNISED = 0x07
 _TRANSFER_SYNTAXES_NOT_SUPPORTED = 0x04
@@ -347,6 +348,7 @@ def handlers(
     associations = AssociationLog(metrics, lambda: gatekeeper.settings.max_dataset_size)
     report = commitment_report or _no_commitment_expected
     return [
+        (evt.EVT_CONN_OPEN, _shorter_dul_poll),
         (evt.EVT_REQUESTED, gatekeeper.check),
         (evt.EVT_DATA_RECV, associations.received),
         (evt.EVT_C_ECHO, handle_echo),
@@ -356,6 +358,17 @@ def handlers(
         (evt.EVT_RELEASED, associations.closed, ["released"]),
         (evt.EVT_ABORTED, associations.closed, ["aborted"]),
     ]
+
+
+def _shorter_dul_poll(event: Event) -> None:
+    """Poll the socket every 0.2 ms instead of pynetdicom's 1 ms.
+
+    Measured with benchmarks/bench.py (CT, one storescu, two A/B pairs): 173 and 187
+    against 153 and 161 images/s receive-only. The price: an idle association costs
+    about 11 % of a core instead of 7 %. ``_run_loop_delay`` is private, which is one
+    reason pynetdicom is pinned below 3.1.
+    """
+    event.assoc.dul._run_loop_delay = DUL_POLL_SECONDS
 
 
 def handle_echo(event: Event) -> int:
