@@ -70,6 +70,10 @@ def init_worker(parent_pid: int) -> None:
         threading.Thread(target=_exit_when_orphaned, args=(parent_pid,), daemon=True).start()
     if os.getppid() != parent_pid:  # the node died before prctl took effect
         os._exit(1)
+    # Ctrl-C and a SIGTERM to the whole process group are for the node to handle: it
+    # lets the workers finish the instance in hand, then stops them.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     # Below the receiving process in the scheduler: on a busy machine the C-STORE
     # answers come first and the spool absorbs the compression backlog.
     os.nice(WORKER_NICENESS)
