@@ -281,3 +281,30 @@ def test_rule_without_compress_stores_the_data_set_as_received(nodes, tmp_path) 
     original = pydicom.dcmread(sent)
     assert kept == original  # every attribute, private ones included, and the pixels
     node.wait_spool_empty()
+
+
+def test_a_worker_killed_mid_compression_is_replaced_and_nothing_is_lost(nodes, tmp_path) -> None:
+    """A worker that dies (as from a codec crash) costs a retry, not an instance."""
+    node = nodes.start(
+        rules="""
+      - name: slow
+        compress: {transfer_syntax: jpeg-2000-lossless}
+        send_to: [archive]
+    """
+    )
+    node.wait_until(lambda: len(worker_processes(node.proc.pid)) == 2, 30, "2 workers")
+    sources = [images.make_ct(rows=3072, cols=3072, seed=80 + i) for i in range(2)]
+    files = [write(ds, tmp_path, f"big{i}.dcm") for i, ds in enumerate(sources)]
+    storescu(node.port, files)
+    time.sleep(0.5)  # both workers are inside OpenJPEG now (about 2 s per image here)
+    victim = worker_processes(node.proc.pid)[0]
+    os.kill(victim, signal.SIGKILL)
+    archived = by_uid(node.wait_archived(2, timeout=120))
+    assert set(archived) == {str(ds.SOPInstanceUID) for ds in sources}
+    assert "a worker died while processing" in node.log_text()
+    assert not any((node.spool / "quarantine").glob("*.dcm"))
+    assert len(worker_processes(node.proc.pid)) == 2  # the pool was rebuilt
+    for ds in sources:
+        np.testing.assert_array_equal(
+            stored_values(archived[str(ds.SOPInstanceUID)]), stored_values(ds)
+        )
