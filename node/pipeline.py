@@ -141,7 +141,7 @@ class Pipeline:
             self._retry_later(path)
             outcome = None
         except Exception as exc:  # a bug in our code: keep the file, say so, go on
-            log.exception("processing %s failed; it stays in the spool", path.name)
+            log.exception("processing %s failed; it is kept in quarantine/", path.name)
             self._keep_after_error(path, f"processing failed: {type(exc).__name__}: {exc}")
             outcome = None
         if outcome is not None:

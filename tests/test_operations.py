@@ -138,6 +138,17 @@ def make_certificates(folder: Path) -> dict[str, Path]:
     return {p.stem + p.suffix: p for p in folder.iterdir()}
 
 
+def tls_section(port: int, certs: dict[str, Path]) -> str:
+    """node.tls on ``port`` with the test CA's server certificate; clients need one too."""
+    return f"""
+        tls:
+          port: {port}
+          certificate: {certs["server.crt"]}
+          private_key: {certs["server.key"]}
+          client_ca: {certs["ca.crt"]}
+        """
+
+
 def test_tls_port_requires_a_client_certificate(nodes, tmp_path) -> None:
     certs = make_certificates(tmp_path / "pki")
     root, port, tls_port = tmp_path / "n", free_port(), free_port()
@@ -146,13 +157,7 @@ def test_tls_port_requires_a_client_certificate(nodes, tmp_path) -> None:
         node_config(
             root,
             port,
-            f"""
-        tls:
-          port: {tls_port}
-          certificate: {certs["server.crt"]}
-          private_key: {certs["server.key"]}
-          client_ca: {certs["ca.crt"]}
-        """,
+            tls_section(tls_port, certs),
         ),
         root=root,
         port=port,
@@ -268,13 +273,7 @@ def test_forwarding_over_tls_to_a_peer_that_wants_our_certificate(nodes, tmp_pat
         node_config(
             peer_root,
             peer_port,
-            f"""
-        tls:
-          port: {peer_tls}
-          certificate: {certs["server.crt"]}
-          private_key: {certs["server.key"]}
-          client_ca: {certs["ca.crt"]}
-        """,
+            tls_section(peer_tls, certs),
         ).replace("ae_title: TEST-NODE", "ae_title: PEER"),
         root=peer_root,
         port=peer_port,
