@@ -439,7 +439,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--quick", action="store_true", help="50 images, 1 round, set ct unless --only"
     )
-    parser.add_argument("--variants", default="", help="only rows whose label contains this")
+    parser.add_argument(
+        "--variants",
+        default="",
+        help="only rows whose label contains one of these (comma-separated)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the receivers' folders")
     args = parser.parse_args(argv)
     if args.quick:
@@ -527,7 +531,8 @@ def selected_modalities(only: str) -> list[images.Modality]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     mods = selected_modalities(args.only)
-    table = [v for v in variants() if args.variants.lower() in v.label.lower()]
+    wanted = [w.strip().lower() for w in args.variants.split(",")]
+    table = [v for v in variants() if any(w in v.label.lower() for w in wanted)]
     started = time.monotonic()
     rows: list[list[str]] = []
     notes: list[str] = []

@@ -18,31 +18,56 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_durably(path: Path, chunks: Iterable[bytes], *, sync_dir: bool = True) -> None:
-    """Write ``chunks`` to ``path`` so that it exists whole or not at all, even after a crash.
+class DurableFile:
+    """A file that appears at its path whole, and durably, or not at all.
 
-    The data go to a temporary name in the same folder first; readers never see a
-    partial file, and an old file at ``path`` is replaced atomically.
+    The data go to a temporary name in the same folder; :meth:`commit` fsyncs it and
+    renames it into place (replacing an old file atomically); :meth:`discard` drops it.
+    Used for a data set streamed in as it arrives from the network.
     """
-    tmp = path.with_name(f".{path.name}.{os.getpid()}{TMP_SUFFIX}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._tmp = path.with_name(f".{path.name}.{os.getpid()}{TMP_SUFFIX}")
+        self._fd: int | None = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+
+    def write(self, data: bytes | memoryview) -> None:
+        assert self._fd is not None, "write after commit or discard"
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self._fd, view) :]
+
+    def commit(self, *, sync_dir: bool = True) -> Path:
+        assert self._fd is not None, "commit after commit or discard"
+        try:
+            os.fsync(self._fd)
+            os.close(self._fd)
+            self._fd = None
+            os.replace(self._tmp, self.path)
+        except BaseException:
+            self.discard()
+            raise
+        if sync_dir:
+            fsync_dir(self.path.parent)
+        return self.path
+
+    def discard(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        _unlink_quietly(self._tmp)
+
+
+def write_durably(path: Path, chunks: Iterable[bytes], *, sync_dir: bool = True) -> None:
+    """Write ``chunks`` to ``path`` so that it exists whole or not at all, even after a crash."""
+    file = DurableFile(path)
     try:
-        with os.fdopen(fd, "wb", closefd=False) as f:
-            for chunk in chunks:
-                f.write(chunk)
-        os.fsync(fd)
+        for chunk in chunks:
+            file.write(chunk)
     except BaseException:
-        os.close(fd)
-        _unlink_quietly(tmp)
+        file.discard()
         raise
-    os.close(fd)
-    try:
-        os.replace(tmp, path)
-    except BaseException:
-        _unlink_quietly(tmp)
-        raise
-    if sync_dir:
-        fsync_dir(path.parent)
+    file.commit(sync_dir=sync_dir)
 
 
 def link_or_copy_durably(src: Path, dst: Path) -> None:

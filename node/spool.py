@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from node.errors import SpoolError
-from node.fsutil import TMP_SUFFIX, fsync_dir, makedirs_durably, write_durably
+from node.fsutil import TMP_SUFFIX, DurableFile, fsync_dir, makedirs_durably, write_durably
 
 PREAMBLE = b"\x00" * 128 + b"DICM"
 IMPLEMENTATION_CLASS_UID = "1.2.826.0.1.3680043.10.1497.1"
@@ -87,10 +87,29 @@ class Spool:
 
         Raises OSError (disk full, permission): the caller answers Out of Resources.
         """
+        file = self.begin(arrival)
+        try:
+            for chunk in dataset:
+                file.write(chunk)
+        except BaseException:
+            file.discard()
+            raise
+        return file.commit()
+
+    def begin(self, arrival: Arrival) -> DurableFile:
+        """A file in ``incoming/`` to stream a data set into as it arrives.
+
+        It holds the preamble and file meta already; it is in ``incoming/`` (and so
+        queued) only after :meth:`DurableFile.commit`. Raises OSError like :meth:`accept`.
+        """
         self._check_room()
-        path = self.incoming / f"{self.new_id()}.dcm"
-        write_durably(path, [PREAMBLE, encode_file_meta(arrival), *dataset])
-        return path
+        file = DurableFile(self.incoming / f"{self.new_id()}.dcm")
+        try:
+            file.write(PREAMBLE + encode_file_meta(arrival))
+        except BaseException:
+            file.discard()
+            raise
+        return file
 
     def _check_room(self) -> None:
         if not self.min_free:
