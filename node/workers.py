@@ -9,15 +9,22 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
+import struct
 import threading
 import time
 from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
+from typing import Any
 
 import pydicom
+from pydicom.charset import default_encoding
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import EXPLICIT_VR_LENGTH_32, write_data_element, write_file_meta_info
+from pydicom.uid import UID
 
 from node.codecs import compress_dataset, passthrough
 from node.codecs.base import CompressResult
@@ -206,9 +213,68 @@ def encode_part10(ds: Dataset) -> bytes:
     meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
     meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
     ds.file_meta = meta
+    if _raw_elements_reusable(ds):
+        return _encode_explicit_little(ds)
     buffer = BytesIO()
     ds.save_as(buffer, enforce_file_format=True)
     return buffer.getvalue()
+
+
+def _raw_elements_reusable(ds: Dataset) -> bool:
+    """True if the elements still as read can be copied byte for byte into the output.
+
+    That holds when input and output are both Explicit VR Little Endian (encapsulated
+    syntaxes included, deflated excepted) and the character set did not change.
+    """
+    syntax = UID(ds.file_meta.get("TransferSyntaxUID", ""))
+    return (
+        ds.original_encoding == (False, True)
+        and ds.original_character_set == ds._character_set
+        and not syntax.is_implicit_VR
+        and syntax.is_little_endian
+        and not syntax.is_deflated
+    )
+
+
+def _encode_explicit_little(ds: Dataset) -> bytes:
+    """What ``save_as`` writes, a few times faster: elements still as read are copied.
+
+    pydicom spends about 20 µs per element on bookkeeping; an image has 50-100 of
+    them, and this runs once per instance in every worker.
+    """
+    fp = DicomBytesIO()
+    fp.is_little_endian, fp.is_implicit_VR = True, False
+    preamble = getattr(ds, "preamble", None)
+    fp.write((preamble if preamble and len(preamble) == 128 else bytes(128)) + b"DICM")
+    write_file_meta_info(fp, ds.file_meta, enforce_standard=True)
+    charset = ds.get("SpecificCharacterSet", default_encoding)
+    for tag in sorted(ds.keys()):
+        if tag.element == 0 and tag.group > 6:
+            continue  # retired group lengths, as pydicom's writer drops them
+        elem = ds.get_item(tag)
+        if _copyable(elem):
+            fp.write(_raw_header(tag, elem.VR, elem.length))
+            fp.write(elem.value)
+        else:
+            write_data_element(fp, ds[tag], charset)
+    return fp.getvalue()
+
+
+def _copyable(elem: Any) -> bool:
+    return (
+        isinstance(elem, RawDataElement)
+        and elem.value is not None  # not deferred
+        and elem.VR not in (None, "SQ", "UN")
+        and elem.length != 0xFFFFFFFF
+        and len(elem.value) == elem.length
+    )
+
+
+def _raw_header(tag: int, vr: str, length: int) -> bytes:
+    group, element = tag >> 16, tag & 0xFFFF
+    if vr in EXPLICIT_VR_LENGTH_32:
+        return struct.pack("<HH2sHL", group, element, vr.encode(), 0, length)
+    return struct.pack("<HH2sH", group, element, vr.encode(), length)
 
 
 def _size(path: Path) -> int:

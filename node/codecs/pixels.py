@@ -14,7 +14,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.pixels import get_decoder
 from pydicom.pixels.utils import pack_bits
-from pydicom.uid import UID
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 # Decoders hand back sub-sampled colour (YBR_FULL_422) already up-sampled to full
 # resolution, so what gets re-encoded is full YBR.
@@ -70,11 +70,15 @@ def decode_stored(ds: Dataset, syntax: UID) -> Pixels:
     bits_allocated = int(ds.BitsAllocated)
     bits_stored = int(ds.BitsStored)
     signed = int(ds.PixelRepresentation) == 1
-    try:
-        arr, meta = get_decoder(syntax).as_array(ds, raw=True)
-    except Exception as exc:
-        message = f"cannot decode the {syntax.name} pixel data: {one_line(exc)}"
-        raise PixelFormatError(message) from exc
+    plain = _plain_native_array(ds, syntax)
+    if plain is not None:
+        arr, meta = plain, {}
+    else:
+        try:
+            arr, meta = get_decoder(syntax).as_array(ds, raw=True)
+        except Exception as exc:
+            message = f"cannot decode the {syntax.name} pixel data: {one_line(exc)}"
+            raise PixelFormatError(message) from exc
 
     if arr.dtype.kind not in "iu":
         raise PixelFormatError(f"decoded pixel data has type {arr.dtype}, not integers")
@@ -95,6 +99,42 @@ def decode_stored(ds: Dataset, syntax: UID) -> Pixels:
         bits_stored=bits_stored,
         signed=signed,
     )
+
+
+_NATIVE_LITTLE = frozenset({ExplicitVRLittleEndian, ImplicitVRLittleEndian})
+
+
+def _plain_native_array(ds: Dataset, syntax: UID) -> np.ndarray | None:
+    """Native pixel data in the common layouts as an array view, or None.
+
+    The same array pydicom's decoder returns with ``raw=True``, without its
+    per-call setup (about 0.5 ms, a tenth of an HTJ2K encode of a CT slice).
+    Planar colour, sub-sampled YBR and odd containers go through pydicom.
+    """
+    if syntax not in _NATIVE_LITTLE:
+        return None
+    spp = int(ds.get("SamplesPerPixel", 1) or 1)
+    pi = str(ds.get("PhotometricInterpretation", ""))
+    if spp == 3:
+        if int(ds.get("PlanarConfiguration", 0) or 0) != 0 or pi not in ("RGB", "YBR_FULL"):
+            return None
+    elif spp != 1:
+        return None
+    try:
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+    except (TypeError, ValueError):
+        return None
+    rows, cols, bits_allocated = int(ds.Rows), int(ds.Columns), int(ds.BitsAllocated)
+    if bits_allocated not in (8, 16, 32):
+        return None
+    dtype = container_dtype(bits_allocated, int(ds.PixelRepresentation) == 1)
+    count = frames * rows * cols * spp
+    data = ds.PixelData
+    if frames < 1 or not isinstance(data, bytes) or len(data) < count * dtype.itemsize:
+        return None  # short or odd data: pydicom's decoder says what is wrong
+    arr = np.frombuffer(data, dtype=dtype.newbyteorder("<"), count=count)
+    shape = (rows, cols) if spp == 1 else (rows, cols, spp)
+    return arr.reshape((frames, *shape) if frames > 1 else shape)
 
 
 def check_encodable(ds: Dataset) -> None:
