@@ -34,6 +34,7 @@ from pynetdicom.sop_class import Verification
 
 from node.fsutil import DurableFile
 from node.spool import Arrival, Spool
+from node.statuses import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, SUCCESS
 
 log = logging.getLogger("dicom_node.scp")
 
@@ -174,7 +175,7 @@ class _Instance:
     prefix: bytearray = field(default_factory=bytearray)
     checked: bool = False
     size: int = 0
-    outcome: Outcome = (0x0000, None)
+    outcome: Outcome = (SUCCESS, None)
 
 
 class DataPhase:
@@ -296,7 +297,7 @@ class DataPhase:
         command = _us(fields, COMMAND_FIELD)
         has_data = _us(fields, DATA_SET_TYPE) != NO_DATA_SET
         if command == C_ECHO_RQ and not has_data:
-            self._respond(context_id, echo_response(fields, 0x0000))
+            self._respond(context_id, echo_response(fields, SUCCESS))
         elif command == C_STORE_RQ:
             self._begin_store(context_id, fields, has_data)
         elif command == C_CANCEL_RQ:
@@ -318,11 +319,14 @@ class DataPhase:
             started=time.perf_counter(),
         )
         if not has_data:
-            instance.outcome = (0xC000, "C-STORE request without a data set")
+            instance.outcome = (CANNOT_UNDERSTAND, "C-STORE request without a data set")
             self._finish(context_id, instance)
             return
         if not sop_instance or not sop_class:
-            instance.outcome = (0xC000, "C-STORE request without Affected SOP Class/Instance UID")
+            instance.outcome = (
+                CANNOT_UNDERSTAND,
+                "C-STORE request without Affected SOP Class/Instance UID",
+            )
         else:
             try:
                 instance.file = self.target.spool.begin(self._arrival(instance))
@@ -358,7 +362,7 @@ class DataPhase:
         instance.prefix = bytearray()
         if problem:
             log.warning("refused an instance from %s: %s", self.peer(), problem)
-            instance.outcome = (0xC000, problem)
+            instance.outcome = (CANNOT_UNDERSTAND, problem)
             self._discard(instance)
 
     def _write(self, instance: _Instance, fragment: memoryview) -> None:
@@ -383,14 +387,14 @@ class DataPhase:
         status, comment = instance.outcome
         self._respond(context_id, store_response(instance, status, comment))
         self.target.stored(
-            self.assoc, instance.size, status == 0x0000, time.perf_counter() - instance.started
+            self.assoc, instance.size, status == SUCCESS, time.perf_counter() - instance.started
         )
 
     def _cannot_store(self, instance: _Instance, exc: OSError) -> Outcome:
         log.error(
             "cannot store %s from %s in the spool: %s", instance.sop_instance, self.peer(), exc
         )
-        return (0xA700, f"node cannot store the instance: {exc.strerror or exc}")
+        return (OUT_OF_RESOURCES, f"node cannot store the instance: {exc.strerror or exc}")
 
     def _discard(self, instance: _Instance) -> None:
         if instance.file is not None:

@@ -37,13 +37,10 @@ from node.errors import StartupError
 from node.metrics import Metrics
 from node.rules import in_networks
 from node.spool import Arrival, Spool
+from node.statuses import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, PROCESSING_FAILURE, SUCCESS
 
 log = logging.getLogger("dicom_node.scp")
 
-# C-STORE statuses (PS3.4 B.2.3).
-SUCCESS = 0x0000
-OUT_OF_RESOURCES = 0xA700
-CANNOT_UNDERSTAND = 0xC000
 
 # What the node accepts from senders: the uncompressed syntaxes and the common
 # compressed ones (a compressed instance is passed on or transcoded by the workers).
@@ -79,7 +76,6 @@ Submit = Callable[[Path], None]
 # Hands a Storage Commitment N-EVENT-REPORT (event type, event information) to the
 # destination whose transaction it settles; returns the status to answer.
 CommitmentReport = Callable[[int, Dataset | None], int]
-PROCESSING_FAILURE = 0x0110
 
 
 class NoDelayAssociationServer(ThreadedAssociationServer):

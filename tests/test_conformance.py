@@ -23,8 +23,8 @@ def test_accepted_transfer_syntaxes_match_the_scp() -> None:
 
 
 def test_statuses_documented_are_the_handlers() -> None:
-    from node import scp
+    from node import statuses
 
     text = DOC.read_text()
-    for code in (scp.SUCCESS, scp.OUT_OF_RESOURCES, scp.CANNOT_UNDERSTAND):
+    for code in (statuses.SUCCESS, statuses.OUT_OF_RESOURCES, statuses.CANNOT_UNDERSTAND):
         assert f"| 0x{code:04X} |" in text
