@@ -9,6 +9,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from node import __version__
+from node.allocator import keep_large_buffers
 from node.config import Config, DicomDestination, FolderDestination, load_config
 from node.errors import ConfigError, NodeError
 
@@ -101,6 +102,7 @@ def _parser() -> argparse.ArgumentParser:
 def _run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     _setup_logging(config.node.log_level, config.node.log_format)
+    keep_large_buffers()  # the receiving process streams image-sized PDUs too
     from node.service import run_until_signalled  # pynetdicom is slow to import
 
     run_until_signalled(config, args.config)

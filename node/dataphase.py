@@ -193,6 +193,8 @@ class DataPhase:
         self._peer_max = int(assoc.requestor.maximum_length or 0)
         self._command: _Command | None = None
         self._instance: _Instance | None = None
+        self._header = bytearray(6)
+        self._body = bytearray(int(assoc.acceptor.maximum_length or 0) + 6)
 
     # ------------------------------------------------------------------ the loop
 
@@ -233,7 +235,8 @@ class DataPhase:
     # ------------------------------------------------------------------ PDUs
 
     def _read_pdu(self) -> tuple[int, memoryview]:
-        header = self._read_exact(6)
+        """The next PDU's type and body; the body is only valid until the next read."""
+        header = self._read_exact(6, self._header)
         pdu_type, _, length = struct.unpack(">BBL", header)
         # Our A-ASSOCIATE-AC told the peer our maximum; allow the PDU header on top.
         limit = (self.assoc.acceptor.maximum_length or 0) + 6
@@ -241,11 +244,13 @@ class DataPhase:
             raise ProtocolError(f"P-DATA-TF of {length} bytes exceeds the negotiated maximum")
         if pdu_type != P_DATA_TF and length > 64 * 1024:
             raise ProtocolError(f"PDU type 0x{pdu_type:02X} with a length of {length}")
-        return pdu_type, self._read_exact(length)
+        if length > len(self._body):
+            self._body = bytearray(length)
+        # One buffer for every PDU: each is written out before the next is read.
+        return pdu_type, self._read_exact(length, self._body)
 
-    def _read_exact(self, n: int) -> memoryview:
-        buf = bytearray(n)
-        view = memoryview(buf)
+    def _read_exact(self, n: int, buffer: bytearray) -> memoryview:
+        view = memoryview(buffer)[:n]
         got = 0
         while got < n:
             try:

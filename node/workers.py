@@ -26,6 +26,7 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import EXPLICIT_VR_LENGTH_32, write_data_element, write_file_meta_info
 from pydicom.uid import UID
 
+from node.allocator import keep_large_buffers
 from node.codecs import compress_dataset, passthrough
 from node.codecs.base import CompressResult
 from node.config import Config, DicomDestination, FolderDestination, Rule
@@ -84,6 +85,7 @@ def init_worker(parent_pid: int) -> None:
     # Below the receiving process in the scheduler: on a busy machine the C-STORE
     # answers come first and the spool absorbs the compression backlog.
     os.nice(WORKER_NICENESS)
+    keep_large_buffers()
 
 
 def _exit_when_orphaned(parent_pid: int) -> None:
