@@ -92,3 +92,10 @@ def test_plain_native_arrays_equal_pydicoms_decoder() -> None:
         assert np.array_equal(plain, expected), name
         viewed += 1
     assert viewed >= 15
+
+
+def test_the_allocator_setting_takes_on_glibc() -> None:
+    from node.allocator import keep_large_buffers
+
+    # CI and the supported platforms run glibc; elsewhere it would return False.
+    assert keep_large_buffers() is True
