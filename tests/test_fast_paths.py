@@ -99,3 +99,24 @@ def test_the_allocator_setting_takes_on_glibc() -> None:
 
     # CI and the supported platforms run glibc; elsewhere it would return False.
     assert keep_large_buffers() is True
+
+
+@pytest.mark.parametrize(
+    ("raw", "bits", "signed", "expected"),
+    [
+        ([0, 4095, 17], 12, False, [0, 4095, 17]),  # clean: the input itself
+        ([0xF000 | 5, 4095], 12, False, [5, 4095]),  # junk above Bits Stored: masked
+        ([-2048, 2047, -1], 12, True, [-2048, 2047, -1]),  # clean signed
+        ([0x0800, 0x7FFF], 12, True, [-2048, -1]),  # sign bit 11 set, high bits not: extended
+    ],
+)
+def test_stored_values_copy_only_what_needs_cleaning(raw, bits, signed, expected) -> None:
+    from node.codecs.pixels import stored_values
+
+    arr = np.array(raw, dtype=np.int16 if signed and min(raw) < 0 else np.uint16)
+    if signed:
+        arr = arr.view(np.int16)
+    out = stored_values(arr, bits, signed)
+    assert out.tolist() == expected
+    clean = arr.tolist() == expected
+    assert np.shares_memory(out, arr) == clean

@@ -50,6 +50,9 @@ def stored_values(arr: np.ndarray, bits_stored: int, signed: bool) -> np.ndarray
     """
     arr = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("="))
     width = arr.dtype.itemsize
+    if _already_stored_values(arr, bits_stored, signed):
+        # Most images: no stray bits above Bits Stored, so no copy of the pixels.
+        return arr.view(f"{'i' if signed else 'u'}{width}")
     unsigned = arr.view(f"u{width}")
     utype = unsigned.dtype.type
     mask = utype((1 << bits_stored) - 1)
@@ -59,6 +62,18 @@ def stored_values(arr: np.ndarray, bits_stored: int, signed: bool) -> np.ndarray
         values = (values ^ sign) - sign
         return values.view(f"i{width}")
     return values
+
+
+def _already_stored_values(arr: np.ndarray, bits_stored: int, signed: bool) -> bool:
+    """True if every sample already is its stored value (bits above Bits Stored clean)."""
+    width = arr.dtype.itemsize
+    if bits_stored >= width * 8 or arr.size == 0:
+        return True
+    if signed:
+        view = arr.view(f"i{width}")
+        # In range means the bits above Bits Stored all repeat its sign bit.
+        return bool(view.min() >= -(1 << (bits_stored - 1)) and view.max() < 1 << (bits_stored - 1))
+    return bool(arr.view(f"u{width}").max() < 1 << bits_stored)
 
 
 def decode_stored(ds: Dataset, syntax: UID) -> Pixels:
