@@ -55,6 +55,7 @@ def test_orthanc_commits_on_its_own_association_then_the_outbox_empties(
     sources = [images.make_mr(rows=32, cols=32, seed=i) for i in range(3)]
     uids = {str(s.SOPInstanceUID) for s in sources}
     storescu(node.port, write_all(sources, tmp_path / "send"))
+    node.wait_spool_empty()  # routed: each instance is in the outbox or beyond
     node.wait_until(lambda: not outbox_files(node.spool, "pacs"), 30, "empty outbox")
     assert uids <= set(orthanc.sop_instance_uids())
     assert not commit_files(node.spool) and not outbox_files(node.spool, "pacs", "failed")

@@ -163,7 +163,9 @@ def test_unmatched_instance_is_kept_in_unrouted_with_a_warning(nodes, tmp_path) 
     [kept] = list(unrouted.glob("*.dcm"))
     assert pydicom.dcmread(kept).SOPInstanceUID == mr.SOPInstanceUID
     assert "no rule matched" in kept.with_suffix(".txt").read_text()
-    assert "WARNING" in node.log_text() and "unrouted" in node.log_text()
+    # The worker moves the file; the node logs once the worker has reported back.
+    node.wait_until(lambda: "kept in unrouted/" in node.log_text(), 10, "the log line")
+    assert "WARNING" in node.log_text()
     assert node.archived() == []
 
 
