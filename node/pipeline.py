@@ -15,6 +15,7 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
 from pathlib import Path
 
 from node.config import Config
@@ -23,24 +24,50 @@ from node.workers import Outcome, init_worker, process_incoming, warm_up
 
 log = logging.getLogger("dicom_node.pipeline")
 
-# An instance that kills its worker this many times is quarantined, not retried forever.
+# An instance that kills its worker this many times, running alone, is quarantined.
 MAX_CRASHES = 3
 # Pause before trying again an instance whose processing hit an OSError (disk full).
 RETRY_SECONDS = 10.0
+
+
+# What the worker processes run per instance: (config, path) -> Outcome.
+Task = Callable[[Config, str], Outcome]
+
+
+@dataclass(frozen=True)
+class _Job:
+    path: Path
+    # Run with nothing else in flight: a worker died while this instance was in flight,
+    # and only a crash while it runs alone shows that it was the cause.
+    alone: bool = False
+
+
+@dataclass(frozen=True)
+class _Running:
+    path: Path
+    executor: ProcessPoolExecutor
+    alone: bool
 
 
 class Pipeline:
     """A pool of worker processes fed from ``incoming/`` in arrival order."""
 
     def __init__(
-        self, config: Config, spool: Spool, on_outcome: Callable[[Outcome], None] | None = None
+        self,
+        config: Config,
+        spool: Spool,
+        on_outcome: Callable[[Outcome], None] | None = None,
+        task: Task = process_incoming,
     ) -> None:
         self.config = config
         self.spool = spool
         self._on_outcome = on_outcome
-        self._queue: queue.Queue[Path | None] = queue.Queue()
+        self._task = task
+        self._queue: queue.Queue[_Job | None] = queue.Queue()
         self._slots = threading.Semaphore(2 * config.node.worker_count)
-        self._in_flight: dict[Future[Outcome], tuple[Path, ProcessPoolExecutor]] = {}
+        self._in_flight: dict[Future[Outcome], _Running] = {}
+        self._holding: Path | None = None
+        self._settling = 0
         self._crashes: dict[Path, int] = {}
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
@@ -52,12 +79,12 @@ class Pipeline:
         self._warm_up()
         left_over = self.spool.list_incoming()
         for path in left_over:
-            self._queue.put(path)
+            self._queue.put(_Job(path))
         self._thread.start()
         return len(left_over)
 
     def submit(self, path: Path) -> None:
-        self._queue.put(path)
+        self._queue.put(_Job(path))
 
     def reconfigure(self, config: Config) -> None:
         """Route instances not yet handed to a worker with ``config``."""
@@ -65,13 +92,20 @@ class Pipeline:
 
     def backlog(self) -> int:
         with self._lock:
-            return self._queue.qsize() + len(self._in_flight)
+            held = self._holding is not None
+            return self._queue.qsize() + len(self._in_flight) + held
 
     def wait_idle(self, timeout: float | None = None) -> bool:
         """Block until nothing is queued or in flight (for tests and ``--once`` runs)."""
         with self._idle:
             return self._idle.wait_for(
-                lambda: self._queue.empty() and not self._in_flight, timeout=timeout
+                lambda: (
+                    self._queue.empty()
+                    and not self._in_flight
+                    and self._holding is None
+                    and not self._settling
+                ),
+                timeout=timeout,
             )
 
     def stop(self, timeout: float = 60.0) -> None:
@@ -95,6 +129,17 @@ class Pipeline:
             initargs=(os.getpid(),),
         )
 
+    def _replacement_executor(self) -> ProcessPoolExecutor:
+        """A new pool after a worker died, its workers starting now, not on demand.
+
+        Instances under suspicion run alone and would start one worker only; the
+        others would then wait for interpreter start-up when the backlog resumes.
+        """
+        executor = self._new_executor()
+        for _ in range(self.config.node.worker_count):
+            executor.submit(warm_up)
+        return executor
+
     def _warm_up(self) -> None:
         # Start every worker now (the pool starts them on demand) so that the first
         # instances do not wait for interpreter start-up and codec imports.
@@ -112,27 +157,40 @@ class Pipeline:
 
     def _dispatch(self) -> None:
         while True:
-            path = self._queue.get()
-            if path is None:
+            job = self._queue.get()
+            if job is None:
                 return
+            with self._lock:
+                self._holding = job.path  # neither queued nor in flight, but not done
+            if job.alone:
+                self._wait_until_nothing_in_flight()
             self._slots.acquire()
             with self._lock:
                 try:
-                    future = self._executor.submit(process_incoming, self.config, str(path))
+                    future = self._executor.submit(self._task, self.config, str(job.path))
                 except BrokenProcessPool:
-                    self._executor = self._new_executor()
-                    future = self._executor.submit(process_incoming, self.config, str(path))
-                self._in_flight[future] = (path, self._executor)
+                    self._executor = self._replacement_executor()
+                    future = self._executor.submit(self._task, self.config, str(job.path))
+                self._in_flight[future] = _Running(job.path, self._executor, job.alone)
+                self._holding = None
             future.add_done_callback(self._finished)
+            if job.alone:
+                self._wait_until_nothing_in_flight()
+
+    def _wait_until_nothing_in_flight(self) -> None:
+        with self._idle:
+            self._idle.wait_for(lambda: not self._in_flight)
 
     def _finished(self, future: Future[Outcome]) -> None:
         with self._lock:
-            path, executor = self._in_flight.pop(future)
+            running = self._in_flight.pop(future)
+            self._settling += 1  # out of flight, not yet requeued or reported
+        path = running.path
         self._slots.release()
         try:
             outcome = future.result()
         except BrokenProcessPool:
-            self._worker_died(path, executor)
+            self._worker_died(running)
             outcome = None
         except OSError as exc:  # disk full, I/O error: the instance is fine, the disk is not
             log.error(
@@ -150,27 +208,38 @@ class Pipeline:
             if self._on_outcome:
                 self._on_outcome(outcome)
         with self._idle:
-            if self._queue.empty() and not self._in_flight:
-                self._idle.notify_all()
+            self._settling -= 1
+            self._idle.notify_all()  # wait_idle, and a dispatcher waiting to run one alone
 
     def _retry_later(self, path: Path) -> None:
-        timer = threading.Timer(RETRY_SECONDS, self._queue.put, [path])
+        timer = threading.Timer(RETRY_SECONDS, self._queue.put, [_Job(path)])
         timer.daemon = True
         timer.start()
 
-    def _worker_died(self, path: Path, executor: ProcessPoolExecutor) -> None:
+    def _worker_died(self, running: _Running) -> None:
+        """A worker died: every instance in flight fails with it, and runs again alone.
+
+        Only a death while an instance runs alone counts against it, so that an
+        innocent instance that happened to be in flight next to a poisonous one is
+        never quarantined.
+        """
+        with self._lock:
+            # Every future of a broken pool fails; only the first replaces the pool.
+            if running.executor is self._executor:
+                running.executor.shutdown(wait=False, cancel_futures=False)
+                self._executor = self._replacement_executor()
+        path = running.path
+        if not running.alone:
+            log.warning("a worker died while %s was in flight; it runs again alone", path.name)
+            self._queue.put(_Job(path, alone=True))
+            return
         crashes = self._crashes.get(path, 0) + 1
         self._crashes[path] = crashes
         if crashes >= MAX_CRASHES:
-            self._keep_after_error(path, f"a worker process died {crashes} times on it")
+            self._keep_after_error(path, f"a worker process died {crashes} times on it alone")
             return
-        log.error("a worker died while processing %s (crash %d); retrying", path.name, crashes)
-        with self._lock:
-            # Every future of a broken pool fails; only the first replaces the pool.
-            if executor is self._executor:
-                executor.shutdown(wait=False, cancel_futures=False)
-                self._executor = self._new_executor()
-        self._queue.put(path)
+        log.error("a worker died on %s alone (crash %d); trying again", path.name, crashes)
+        self._queue.put(_Job(path, alone=True))
 
     def _keep_after_error(self, path: Path, reason: str) -> None:
         try:

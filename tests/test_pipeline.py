@@ -1,0 +1,66 @@
+"""The pipeline with real worker processes, one of whose inputs kills them."""
+
+from __future__ import annotations
+
+import pydicom
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset
+
+from node.config import load_config
+from node.pipeline import MAX_CRASHES, Pipeline
+from node.spool import Arrival, Spool
+from tests import images
+from tests.conftest import default_config, free_port
+from tests.crash_task import POISON, crash_on_poison
+
+
+def _accept(spool: Spool, seed: int, patient_id: str) -> str:
+    ds = images.make_ct(rows=64, cols=64, seed=seed)
+    ds.PatientID = patient_id
+    fp = DicomBytesIO()
+    fp.is_little_endian, fp.is_implicit_VR = True, False
+    write_dataset(fp, ds)
+    arrival = Arrival(
+        sop_class_uid=str(ds.SOPClassUID),
+        sop_instance_uid=str(ds.SOPInstanceUID),
+        transfer_syntax_uid="1.2.840.10008.1.2.1",
+        calling_ae_title="TEST",
+        called_ae_title="TEST-NODE",
+        peer_address="127.0.0.1",
+        peer_port=1,
+    )
+    spool.accept(arrival, [fp.getvalue()])
+    return str(ds.SOPInstanceUID)
+
+
+def test_only_the_instance_that_kills_workers_is_quarantined(tmp_path) -> None:
+    config_file = tmp_path / "node.yaml"
+    config_file.write_text(default_config(tmp_path, free_port(), workers=2))
+    config = load_config(str(config_file))
+    spool = Spool(config.node.spool)
+    spool.create()
+    # The poison first: it kills its worker at once, while the 3 good ones (a slot
+    # each, 2 workers x 2 slots) are in flight, and again each time all 4 rerun.
+    poison = _accept(spool, 99, POISON.decode())
+    good = [_accept(spool, seed, f"GOOD{seed}") for seed in range(3)]
+    routed = []
+    pipeline = Pipeline(config, spool, on_outcome=routed.append, task=crash_on_poison)
+    try:
+        pipeline.start()  # picks up what is in incoming/
+        assert pipeline.wait_idle(timeout=120)
+    finally:
+        pipeline.stop()
+    # Each worker death failed every instance in flight; counting those deaths against
+    # all of them quarantined the good ones too. Only the poison dies alone.
+    quarantined = list(spool.quarantine.glob("*.dcm"))
+    assert len(quarantined) == 1
+    assert POISON in quarantined[0].read_bytes()
+    reason = quarantined[0].with_suffix(".txt").read_text()
+    assert f"died {MAX_CRASHES} times on it alone" in reason
+    # Every good one is archived: by its rerun, or by a worker that finished it just
+    # before the pool was torn down (its rerun then finds it gone).
+    archived = {pydicom.dcmread(f).SOPInstanceUID for f in (tmp_path / "archive").rglob("*.dcm")}
+    assert archived == set(good)
+    assert poison not in archived
+    assert not list(spool.incoming.glob("*.dcm"))
+    assert {o.status for o in routed} <= {"delivered", "gone"}
