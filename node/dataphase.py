@@ -25,6 +25,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from pydicom.uid import UID
@@ -95,14 +96,14 @@ class StoreTarget:
     """Where a data phase puts instances and whom it tells."""
 
     spool: Spool
-    submit: Callable[[Any], None]
+    submit: Callable[[Path], None]
     header_problem: HeaderCheck
     max_dataset_size: Callable[[], int]
     # (assoc, bytes, ok, seconds) after each answered C-STORE.
     stored: Callable[[Any, int, bool, float], None] = lambda *a: None
 
 
-def is_storage_only(assoc: Any, is_storage: Callable[[str], bool]) -> bool:
+def is_storage_only(assoc: Any, is_storage: Callable[[UID], bool]) -> bool:
     """True if every accepted context is a storage SOP class or Verification."""
     contexts = assoc.accepted_contexts
     return bool(contexts) and all(
@@ -549,7 +550,7 @@ def hold_at_established(assoc: Any, wait_seconds: float) -> None:
 def serve(
     event: Event,
     target: StoreTarget,
-    is_storage: Callable[[str], bool],
+    is_storage: Callable[[UID], bool],
     network_timeout: Callable[[], float | None],
 ) -> None:
     """EVT_ESTABLISHED: take a storage-only association over, or leave it to pynetdicom."""
