@@ -442,7 +442,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--variants",
         default="",
-        help="only rows whose label contains one of these (comma-separated)",
+        help="only rows whose label contains one of these, separated by | (labels contain commas)",
     )
     parser.add_argument("--keep", action="store_true", help="keep the receivers' folders")
     args = parser.parse_args(argv)
@@ -531,7 +531,7 @@ def selected_modalities(only: str) -> list[images.Modality]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     mods = selected_modalities(args.only)
-    wanted = [w.strip().lower() for w in args.variants.split(",")]
+    wanted = [w.strip().lower() for w in args.variants.split("|")]
     table = [v for v in variants() if any(w in v.label.lower() for w in wanted)]
     started = time.monotonic()
     rows: list[list[str]] = []
