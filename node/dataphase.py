@@ -176,7 +176,8 @@ class _Instance:
     prefix: bytearray = field(default_factory=bytearray)
     checked: bool = False
     size: int = 0
-    outcome: Outcome = (SUCCESS, None)
+    # Set when something failed; Success is only ever set by _make_durable.
+    outcome: Outcome | None = None
 
 
 class DataPhase:
@@ -225,6 +226,9 @@ class DataPhase:
                 log.warning("association with %s ended: %s", self.peer(), exc)
             self._drop_unfinished(str(exc))
             return "aborted"
+        except Exception:  # a bug: the caller aborts; no temp file or descriptor is left
+            self._drop_unfinished("internal error")
+            raise
 
     def abort(self) -> None:
         """Abort from another thread (shutdown); the loop's blocking read then ends."""
@@ -382,19 +386,24 @@ class DataPhase:
 
     def _finish(self, context_id: int, instance: _Instance) -> None:
         """Make the instance durable, queue it, then answer; in that order."""
-        if instance.file is not None:
-            try:
-                path = instance.file.commit()
-            except OSError as exc:
-                instance.outcome = self._cannot_store(instance, exc)
-            else:
-                self.target.submit(path)
-            instance.file = None
+        if instance.outcome is None:
+            instance.outcome = self._make_durable(instance)
         status, comment = instance.outcome
         self._respond(context_id, store_response(instance, status, comment))
         self.target.stored(
             self.assoc, instance.size, status == SUCCESS, time.perf_counter() - instance.started
         )
+
+    def _make_durable(self, instance: _Instance) -> Outcome:
+        """fsync, rename and directory fsync of the spool file, then queue it: Success."""
+        assert instance.file is not None, "nothing failed, so the spool file is open"
+        file, instance.file = instance.file, None
+        try:
+            path = file.commit()
+        except OSError as exc:
+            return self._cannot_store(instance, exc)
+        self.target.submit(path)
+        return (SUCCESS, None)
 
     def _cannot_store(self, instance: _Instance, exc: OSError) -> Outcome:
         log.error(
