@@ -339,7 +339,8 @@ class DataPhase:
             )
         else:
             try:
-                instance.file = self.target.spool.begin(self._arrival(instance))
+                arrival = Arrival.on(self.assoc, sop_class, sop_instance, instance.transfer_syntax)
+                instance.file = self.target.spool.begin(arrival)
             except OSError as exc:
                 instance.outcome = self._cannot_store(instance, exc)
         self._instance = instance
@@ -427,18 +428,6 @@ class DataPhase:
             )
             self._discard(self._instance)
             self._instance = None
-
-    def _arrival(self, instance: _Instance) -> Arrival:
-        requestor, acceptor = self.assoc.requestor, self.assoc.acceptor
-        return Arrival(
-            sop_class_uid=instance.sop_class,
-            sop_instance_uid=instance.sop_instance,
-            transfer_syntax_uid=instance.transfer_syntax,
-            calling_ae_title=requestor.ae_title,
-            called_ae_title=acceptor.ae_title,
-            peer_address=str(requestor.address),
-            peer_port=int(requestor.port or 0),
-        )
 
     # ------------------------------------------------------------------ sending
 

@@ -37,6 +37,15 @@ class DurableFile:
         while view:
             view = view[os.write(self._fd, view) :]
 
+    def write_all(self, chunks: Iterable[bytes]) -> None:
+        """Write every chunk; on any error the temp file is dropped and the error raised."""
+        try:
+            for chunk in chunks:
+                self.write(chunk)
+        except BaseException:
+            self.discard()
+            raise
+
     def commit(self, *, sync_dir: bool = True) -> Path:
         assert self._fd is not None, "commit after commit or discard"
         try:
@@ -61,12 +70,7 @@ class DurableFile:
 def write_durably(path: Path, chunks: Iterable[bytes], *, sync_dir: bool = True) -> None:
     """Write ``chunks`` to ``path`` so that it exists whole or not at all, even after a crash."""
     file = DurableFile(path)
-    try:
-        for chunk in chunks:
-            file.write(chunk)
-    except BaseException:
-        file.discard()
-        raise
+    file.write_all(chunks)
     file.commit(sync_dir=sync_dir)
 
 

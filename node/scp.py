@@ -437,15 +437,11 @@ def store_durably(event: Event, data: bytes, spool: Spool, submit: Submit) -> in
     if problem:
         log.warning("refused an instance from %s: %s", event.assoc.requestor.ae_title, problem)
         return _status(CANNOT_UNDERSTAND, problem)
-    requestor, acceptor = event.assoc.requestor, event.assoc.acceptor
-    arrival = Arrival(
-        sop_class_uid=str(request.AffectedSOPClassUID),
-        sop_instance_uid=str(request.AffectedSOPInstanceUID),
-        transfer_syntax_uid=str(event.context.transfer_syntax),
-        calling_ae_title=requestor.ae_title,
-        called_ae_title=acceptor.ae_title,
-        peer_address=str(requestor.address),
-        peer_port=int(requestor.port or 0),
+    arrival = Arrival.on(
+        event.assoc,
+        str(request.AffectedSOPClassUID),
+        str(request.AffectedSOPInstanceUID),
+        str(event.context.transfer_syntax),
     )
     try:
         path = spool.accept(arrival, [data])

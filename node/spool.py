@@ -22,6 +22,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from node.errors import SpoolError
 from node.fsutil import TMP_SUFFIX, DurableFile, fsync_dir, makedirs_durably, write_durably
@@ -42,6 +43,22 @@ class Arrival:
     called_ae_title: str
     peer_address: str
     peer_port: int
+
+    @classmethod
+    def on(
+        cls, assoc: Any, sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str
+    ) -> Arrival:
+        """An instance received on pynetdicom association ``assoc`` (we are its acceptor)."""
+        requestor = assoc.requestor
+        return cls(
+            sop_class_uid=sop_class_uid,
+            sop_instance_uid=sop_instance_uid,
+            transfer_syntax_uid=transfer_syntax_uid,
+            calling_ae_title=requestor.ae_title,
+            called_ae_title=assoc.acceptor.ae_title,
+            peer_address=str(requestor.address),
+            peer_port=int(requestor.port or 0),
+        )
 
 
 class Spool:
@@ -88,12 +105,7 @@ class Spool:
         Raises OSError (disk full, permission): the caller answers Out of Resources.
         """
         file = self.begin(arrival)
-        try:
-            for chunk in dataset:
-                file.write(chunk)
-        except BaseException:
-            file.discard()
-            raise
+        file.write_all(dataset)
         return file.commit()
 
     def begin(self, arrival: Arrival) -> DurableFile:
@@ -104,11 +116,7 @@ class Spool:
         """
         self._check_room()
         file = DurableFile(self.incoming / f"{self.new_id()}.dcm")
-        try:
-            file.write(PREAMBLE + encode_file_meta(arrival))
-        except BaseException:
-            file.discard()
-            raise
+        file.write_all([PREAMBLE, encode_file_meta(arrival)])
         return file
 
     def _check_room(self) -> None:
