@@ -66,7 +66,7 @@ class Pipeline:
         self._queue: queue.Queue[_Job | None] = queue.Queue()
         self._slots = threading.Semaphore(2 * config.node.worker_count)
         self._in_flight: dict[Future[Outcome], _Running] = {}
-        self._holding: Path | None = None
+        self._holding = False  # the dispatcher has taken a job it has not submitted yet
         self._settling = 0
         self._crashes: dict[Path, int] = {}
         self._lock = threading.Lock()
@@ -92,8 +92,7 @@ class Pipeline:
 
     def backlog(self) -> int:
         with self._lock:
-            held = self._holding is not None
-            return self._queue.qsize() + len(self._in_flight) + held
+            return self._queue.qsize() + len(self._in_flight) + self._holding
 
     def wait_idle(self, timeout: float | None = None) -> bool:
         """Block until nothing is queued or in flight (for tests and ``--once`` runs)."""
@@ -102,7 +101,7 @@ class Pipeline:
                 lambda: (
                     self._queue.empty()
                     and not self._in_flight
-                    and self._holding is None
+                    and not self._holding
                     and not self._settling
                 ),
                 timeout=timeout,
@@ -136,16 +135,17 @@ class Pipeline:
         others would then wait for interpreter start-up when the backlog resumes.
         """
         executor = self._new_executor()
-        for _ in range(self.config.node.worker_count):
-            executor.submit(warm_up)
+        self._start_workers(executor)
         return executor
+
+    def _start_workers(self, executor: ProcessPoolExecutor) -> list[Future[int]]:
+        # The pool starts a worker only when a task finds none idle.
+        return [executor.submit(warm_up) for _ in range(self.config.node.worker_count)]
 
     def _warm_up(self) -> None:
         # Start every worker now (the pool starts them on demand) so that the first
         # instances do not wait for interpreter start-up and codec imports.
-        for future in [
-            self._executor.submit(warm_up) for _ in range(self.config.node.worker_count)
-        ]:
+        for future in self._start_workers(self._executor):
             future.result()
 
     def _drain_queue(self) -> None:
@@ -161,7 +161,7 @@ class Pipeline:
             if job is None:
                 return
             with self._lock:
-                self._holding = job.path  # neither queued nor in flight, but not done
+                self._holding = True
             if job.alone:
                 self._wait_until_nothing_in_flight()
             self._slots.acquire()
@@ -172,7 +172,7 @@ class Pipeline:
                     self._executor = self._replacement_executor()
                     future = self._executor.submit(self._task, self.config, str(job.path))
                 self._in_flight[future] = _Running(job.path, self._executor, job.alone)
-                self._holding = None
+                self._holding = False
             future.add_done_callback(self._finished)
             if job.alone:
                 self._wait_until_nothing_in_flight()
