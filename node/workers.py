@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import ctypes
 import os
+import pickle
 import signal
 import struct
 import threading
 import time
+import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from io import BytesIO
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +42,7 @@ from node.spool import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, Sp
 PR_SET_PDEATHSIG = 1  # from <sys/prctl.h>
 DEFER_BYTES = 64 * 1024
 WORKER_NICENESS = 15
+READY = b"ready"
 
 
 @dataclass
@@ -61,15 +66,55 @@ class Outcome:
     errors: list[str] = field(default_factory=list)
 
 
+@dataclass
+class Reply:
+    """A worker's answer to one job: the outcome, or the error that stopped it."""
+
+    outcome: Outcome | None = None
+    error: str | None = None
+    os_error: bool = False  # disk full, I/O error: the instance is fine, the disk is not
+    traceback: str = ""
+
+
+# What a worker runs per instance: (config, path of the incoming file) -> Outcome.
+Task = Callable[[Config, str], Outcome]
+
+
+def serve(conn: Connection, task: Task, parent_pid: int) -> None:
+    """A worker process's main loop: one job at a time from its pipe, the reply back.
+
+    A job is ``(pickled config, path)``; the config is unpickled again only when it
+    changed (a reload). The loop ends when the node closes the pipe.
+    """
+    init_worker(parent_pid)
+    conn.send_bytes(READY)
+    config: tuple[bytes, Config] | None = None
+    while True:
+        try:
+            blob, path_text = pickle.loads(conn.recv_bytes())
+        except EOFError:
+            return
+        if config is None or config[0] != blob:
+            config = (blob, pickle.loads(blob))
+        conn.send_bytes(pickle.dumps(_run(task, config[1], path_text)))
+
+
+def _run(task: Task, config: Config, path_text: str) -> Reply:
+    try:
+        return Reply(outcome=task(config, path_text))
+    except OSError as exc:
+        return Reply(error=str(exc), os_error=True)
+    except Exception as exc:  # a bug in our code: the node keeps the file and says so
+        return Reply(error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
+
+
 def init_worker(parent_pid: int) -> None:
     """Worker initializer: die with the node, and yield the CPU to its receiving side.
 
-    The worker must end when the node process ends, however it ends.
-    A worker blocks on its task queue, whose write end it holds itself, so it never
-    sees EOF when the node is killed with SIGKILL: without this, every kill -9 left
-    the workers behind for good. (PDEATHSIG follows the thread that started the
-    worker; the pipeline starts workers from its main and dispatcher threads, which
-    live as long as the node.)
+    The worker must end when the node process ends, however it ends. Its pipe tells an
+    idle worker, but a busy one would finish a large instance first, for nobody.
+    (PDEATHSIG follows the thread that started the worker; the pipeline starts workers
+    from its main and dispatcher threads, which live as long as the node.)
     """
     try:
         libc = ctypes.CDLL(None, use_errno=True)
@@ -92,11 +137,6 @@ def _exit_when_orphaned(parent_pid: int) -> None:
     while os.getppid() == parent_pid:
         time.sleep(1.0)
     os._exit(1)
-
-
-def warm_up() -> int:
-    """Nothing but the imports above; returns the worker's pid."""
-    return os.getpid()
 
 
 def process_incoming(config: Config, path_text: str) -> Outcome:

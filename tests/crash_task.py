@@ -16,11 +16,8 @@ POISON = b"POISON-PILL"
 
 
 def crash_on_poison(config: Config, path_text: str) -> Outcome:
-    # A worker killed with its pool may have delivered an instance before it died; then
-    # the file is gone and process_incoming says so.
-    if os.path.exists(path_text):
-        with open(path_text, "rb") as f:
-            if POISON in f.read():
-                os._exit(70)  # the way a C assertion or a segfault ends a worker: at once
+    with open(path_text, "rb") as f:
+        if POISON in f.read():
+            os._exit(70)  # the way a C assertion or a segfault ends a worker: at once
     time.sleep(0.5)  # keep good instances in flight while the poison kills workers
     return process_incoming(config, path_text)
