@@ -545,6 +545,21 @@ def test_stale_extended_offset_table_is_removed() -> None:
     np.testing.assert_array_equal(stored(out), stored(source))
 
 
+def test_jpeg_ls_precision_is_bits_stored_so_signed_ct_decodes_with_its_sign() -> None:
+    # imagecodecs' jpegls_encode writes P = 16 for this image, and pydicom then decodes
+    # the -2048 padding as +2048: the node codes P = Bits Stored through CharLS's C API.
+    source = INPUTS["ct"]()
+    assert source.PixelRepresentation == 1 and source.BitsStored == 12
+    result = compress_dataset(source, spec(JPEGLSLossless))
+    assert result.encoder == "imagecodecs", result.encoder
+    out = written(result)
+    codestream = next(generate_fragments(_after_bot(out.PixelData)))
+    sof55 = codestream.index(b"\xff\xf7")
+    assert codestream[sof55 + 4] == 12  # P
+    assert out.pixel_array.min() == -2048
+    np.testing.assert_array_equal(out.pixel_array, source.pixel_array)
+
+
 # --------------------------------------------------------------------------- config
 
 

@@ -154,7 +154,7 @@ def run(seconds: float = 0.5) -> list[Measurement]:
 
 def _automatic_choice(info: SyntaxInfo) -> str | None:
     # What a rule without `plugin:` gets for this image: the fastest installed
-    # encoder that accepts it (imagecodecs' JPEG-LS declines 12-bit data, say).
+    # encoder that accepts it (libjpeg-turbo's JPEG baseline declines 12-bit data, say).
     ds = bench_ct(bits8=info.uid == JPEGBaseline8Bit)
     return compress_dataset(ds, _spec(info, None, verify=False)).encoder or "zlib"
 

@@ -19,6 +19,7 @@ from pydicom.encaps import encapsulate, encapsulate_extended
 from pydicom.uid import UID
 from pydicom.valuerep import VR
 
+from node.codecs import charls
 from node.codecs.pixels import PixelFormatError, Pixels
 
 # A frame encoder: (one frame of stored values, its description, options) -> codestream.
@@ -121,8 +122,12 @@ def _unsigned_pattern(frame: np.ndarray, bits_stored: int) -> np.ndarray:
     # as their two's complement bit pattern in Bits Stored bits (pitfalls.md item 7);
     # decoders give that pattern back and Pixel Representation restores the sign.
     width = frame.dtype.itemsize
+    narrow = bits_stored <= 8 and width > 1
+    if frame.dtype.kind == "u" and not narrow:
+        # Unsigned stored values have nothing above Bits Stored: no copy of the frame.
+        return np.ascontiguousarray(frame)
     pattern = frame.view(f"u{width}") & np.array((1 << bits_stored) - 1, dtype=f"u{width}")
-    if bits_stored <= 8 and width > 1:
+    if narrow:
         pattern = pattern.astype(np.uint8)  # 8-bit precision is coded from 8-bit samples
     return np.ascontiguousarray(pattern)
 
@@ -167,13 +172,19 @@ def jpeg_baseline(frame: np.ndarray, pixels: Pixels, *, quality: int) -> bytes:
 
 
 def jpegls(frame: np.ndarray, pixels: Pixels, *, near: int = 0) -> bytes:
-    """JPEG-LS with CharLS through imagecodecs (faster than pyjpegls, GIL released).
+    """JPEG-LS with the CharLS that imagecodecs ships (faster than pyjpegls, GIL released).
 
-    imagecodecs writes a sample precision of Bits Allocated, and pydicom restores the
-    sign of signed data from that precision, so a 12-bit signed image would decode
-    as positive values: only Bits Stored == Bits Allocated is coded here; the next
-    encoder takes the rest. NEAR is capped at 9 by imagecodecs.
+    The sample precision P is Bits Stored, as pyjpegls writes it, through CharLS's C
+    API (:mod:`node.codecs.charls`). imagecodecs' own ``jpegls_encode`` always writes P
+    = Bits Allocated, and pydicom restores the sign of signed data from P, so a
+    signed 12-bit image would decode as positive values: that fallback (for an
+    imagecodecs build without the C API) codes Bits Stored == Bits Allocated only,
+    NEAR 0-9, and leaves the rest to the next encoder.
     """
+    if charls.is_available():
+        return charls.encode(
+            _unsigned_pattern(frame, pixels.bits_stored), pixels.bits_stored, near=near
+        )
     import imagecodecs
 
     width = frame.dtype.itemsize * 8
