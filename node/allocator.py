@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 
 # mallopt() parameters, from <malloc.h>.
@@ -31,3 +32,14 @@ def keep_large_buffers() -> bool:
     except (OSError, AttributeError):
         return False
     return mmap_ok and trim_ok
+
+
+def release_free_memory() -> None:
+    """Give the heap's free pages back to the system (glibc ``malloc_trim``).
+
+    For after a large instance: its buffers, freed, would otherwise stay in the
+    worker, since buffers below the mmap threshold come from the heap, and a long-lived
+    allocation above them keeps the heap from shrinking.
+    """
+    with contextlib.suppress(OSError, AttributeError):  # not glibc
+        ctypes.CDLL(None).malloc_trim(0)

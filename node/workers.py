@@ -7,10 +7,12 @@ reports what it did as an :class:`Outcome`; the main process does the logging.
 from __future__ import annotations
 
 import ctypes
+import importlib
 import os
 import pickle
 import signal
 import struct
+import sys
 import threading
 import time
 import traceback
@@ -23,14 +25,14 @@ from typing import Any
 
 import pydicom
 from pydicom.charset import default_encoding
-from pydicom.dataelem import RawDataElement
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import EXPLICIT_VR_LENGTH_32, write_data_element, write_file_meta_info
 from pydicom.uid import UID
 
-from node.allocator import keep_large_buffers
+from node.allocator import keep_large_buffers, release_free_memory
 from node.codecs import compress_dataset, passthrough
 from node.codecs.base import CompressResult
 from node.config import Config, DicomDestination, FolderDestination, Rule
@@ -43,6 +45,11 @@ PR_SET_PDEATHSIG = 1  # from <sys/prctl.h>
 DEFER_BYTES = 64 * 1024
 WORKER_NICENESS = 15
 READY = b"ready"
+# After an instance this large a worker gives its freed memory back to the system.
+LARGE_INSTANCE_BYTES = 16 * 1024 * 1024
+PIXEL_DATA = 0x7FE00010
+ITEM_TAG = b"\xfe\xff\x00\xe0"  # (FFFE,E000), little endian
+SEQUENCE_DELIMITER = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"  # (FFFE,E0DD), length 0
 
 
 @dataclass
@@ -80,11 +87,24 @@ class Reply:
 Task = Callable[[Config, str], Outcome]
 
 
+def main() -> None:
+    """Entry point of a worker process: ``<socket fd> <node pid> <module:task>``.
+
+    The node starts its workers with :mod:`subprocess`, not :mod:`multiprocessing`,
+    whose spawn method also starts a resource tracker process (15 MB) that the node
+    has no use for.
+    """
+    fd, parent_pid, task_name = sys.argv[1:4]
+    module, _, name = task_name.partition(":")
+    task: Task = getattr(importlib.import_module(module), name)
+    serve(Connection(int(fd)), task, int(parent_pid))
+
+
 def serve(conn: Connection, task: Task, parent_pid: int) -> None:
-    """A worker process's main loop: one job at a time from its pipe, the reply back.
+    """A worker process's main loop: one job at a time from its socket, the reply back.
 
     A job is ``(pickled config, path)``; the config is unpickled again only when it
-    changed (a reload). The loop ends when the node closes the pipe.
+    changed (a reload). The loop ends when the node closes its end.
     """
     init_worker(parent_pid)
     conn.send_bytes(READY)
@@ -96,7 +116,10 @@ def serve(conn: Connection, task: Task, parent_pid: int) -> None:
             return
         if config is None or config[0] != blob:
             config = (blob, pickle.loads(blob))
-        conn.send_bytes(pickle.dumps(_run(task, config[1], path_text)))
+        reply = _run(task, config[1], path_text)
+        conn.send_bytes(pickle.dumps(reply))
+        if reply.outcome is not None and reply.outcome.bytes_in >= LARGE_INSTANCE_BYTES:
+            release_free_memory()
 
 
 def _run(task: Task, config: Config, path_text: str) -> Reply:
@@ -214,14 +237,14 @@ def _hand_over(
     delivery to an archive on another disk. An OSError here (disk full) leaves the
     incoming file in place; the pipeline tries again later.
     """
-    data = b"" if received else encode_part10(ds)
-    outcome.bytes_out = outcome.bytes_in if received else len(data)
+    chunks = [] if received else part10_chunks(ds)
+    outcome.bytes_out = outcome.bytes_in if received else sum(len(c) for c in chunks)
     written: Path | None = incoming if received else None
 
     def put(path: Path) -> None:
         nonlocal written
         if written is None:
-            write_durably(path, [data])
+            write_durably(path, chunks)
             written = path
         else:
             link_or_copy_durably(written, path)
@@ -249,6 +272,12 @@ def _hand_over(
 
 def encode_part10(ds: Dataset) -> bytes:
     """``ds`` as a Part 10 file with the node's own implementation identity."""
+    return b"".join(part10_chunks(ds))
+
+
+def part10_chunks(ds: Dataset) -> list[bytes]:
+    """:func:`encode_part10` in pieces, so that a large Pixel Data value is written
+    to the file as it is, not copied into the encoded data set first."""
     meta = ds.file_meta if isinstance(ds.file_meta, FileMetaDataset) else FileMetaDataset()
     meta.MediaStorageSOPClassUID = ds.SOPClassUID
     meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
@@ -259,7 +288,7 @@ def encode_part10(ds: Dataset) -> bytes:
         return _encode_explicit_little(ds)
     buffer = BytesIO()
     ds.save_as(buffer, enforce_file_format=True)
-    return buffer.getvalue()
+    return [buffer.getvalue()]
 
 
 def _raw_elements_reusable(ds: Dataset) -> bool:
@@ -278,14 +307,14 @@ def _raw_elements_reusable(ds: Dataset) -> bool:
     )
 
 
-def _encode_explicit_little(ds: Dataset) -> bytes:
+def _encode_explicit_little(ds: Dataset) -> list[bytes]:
     """What ``save_as`` writes, a few times faster: elements still as read are copied.
 
     pydicom spends about 20 µs per element on bookkeeping; an image has 50-100 of
     them, and this runs once per instance in every worker.
     """
-    fp = DicomBytesIO()
-    fp.is_little_endian, fp.is_implicit_VR = True, False
+    chunks: list[bytes] = []
+    fp = _little_explicit_buffer()
     preamble = getattr(ds, "preamble", None)
     fp.write((preamble if preamble and len(preamble) == 128 else bytes(128)) + b"DICM")
     write_file_meta_info(fp, ds.file_meta, enforce_standard=True)
@@ -297,9 +326,36 @@ def _encode_explicit_little(ds: Dataset) -> bytes:
         if _copyable(elem):
             fp.write(_raw_header(tag, elem.VR, elem.length))
             fp.write(elem.value)
+        elif tag == PIXEL_DATA and _value_writable_as_is(ds[tag]):
+            chunks += [fp.getvalue(), *_pixel_data_chunks(ds[tag])]
+            fp = _little_explicit_buffer()
         else:
             write_data_element(fp, ds[tag], charset)
-    return fp.getvalue()
+    chunks.append(fp.getvalue())
+    return chunks
+
+
+def _little_explicit_buffer() -> DicomBytesIO:
+    fp = DicomBytesIO()
+    fp.is_little_endian, fp.is_implicit_VR = True, False
+    return fp
+
+
+def _value_writable_as_is(elem: DataElement) -> bool:
+    """True if pydicom would write this Pixel Data value unchanged (no padding or check)."""
+    value = elem.value
+    return (
+        elem.VR in ("OB", "OW")
+        and isinstance(value, bytes)
+        and len(value) % 2 == 0
+        and (not elem.is_undefined_length or value.startswith(ITEM_TAG))
+    )
+
+
+def _pixel_data_chunks(elem: DataElement) -> list[bytes]:
+    if elem.is_undefined_length:  # encapsulated: items, then the sequence delimiter
+        return [_raw_header(PIXEL_DATA, elem.VR, 0xFFFFFFFF), elem.value, SEQUENCE_DELIMITER]
+    return [_raw_header(PIXEL_DATA, elem.VR, len(elem.value)), elem.value]
 
 
 def _copyable(elem: Any) -> bool:

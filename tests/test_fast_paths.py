@@ -1,8 +1,9 @@
 """The worker's shortcuts give exactly what the pydicom calls they replace give.
 
-``encode_part10`` copies elements still as read instead of re-encoding them, and
-``decode_stored`` views plain native pixel data without pydicom's decoder; both are
-compared here with pydicom on its own test files and the node's generated images.
+``encode_part10`` copies elements still as read instead of re-encoding them,
+``decode_stored`` views plain native pixel data without pydicom's decoder, and
+``encapsulate_with_offsets`` copies codestreams once; all are compared here with
+pydicom on its own test files and the node's generated images.
 """
 
 from __future__ import annotations
@@ -15,11 +16,13 @@ import numpy as np
 import pydicom
 import pydicom.data
 import pytest
+from pydicom.encaps import encapsulate
 from pydicom.pixels import get_decoder
 from pydicom.uid import UID
 
 from node.codecs import CompressSpec, compress_dataset
 from node.codecs.endian import to_little_endian
+from node.codecs.frames import encapsulate_with_offsets
 from node.codecs.pixels import _plain_native_array
 from node.workers import DEFER_BYTES, _raw_elements_reusable, encode_part10
 from tests import images
@@ -123,3 +126,10 @@ def test_stored_values_copy_only_what_needs_cleaning(raw, bits, signed, expected
     assert out.tolist() == expected
     clean = arr.tolist() == expected
     assert np.shares_memory(out, arr) == clean
+
+
+@pytest.mark.parametrize("lengths", [[1], [2], [7, 8], [3, 2, 10, 11, 1]])
+def test_encapsulation_is_byte_identical_to_pydicoms(lengths: list[int]) -> None:
+    rng = np.random.default_rng(len(lengths))
+    frames = [rng.integers(0, 256, n, dtype=np.uint8).tobytes() for n in lengths]
+    assert encapsulate_with_offsets(frames) == encapsulate(frames, has_bot=True)

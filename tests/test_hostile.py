@@ -280,7 +280,7 @@ def tiny_disk(tmp_path):
 
 def worker_processes(pid: int) -> list[int]:
     out = subprocess.run(
-        ["pgrep", "-P", str(pid), "-f", "spawn_main"], capture_output=True, text=True
+        ["pgrep", "-P", str(pid), "-f", "node.workers import main"], capture_output=True, text=True
     ).stdout
     return [int(x) for x in out.split()]
 

@@ -57,9 +57,9 @@ def by_uid(paths: list[Path]) -> dict[str, pydicom.Dataset]:
 
 
 def worker_processes(pid: int) -> list[int]:
-    """The node's worker processes (multiprocessing's spawned children)."""
+    """The node's worker processes."""
     out = subprocess.run(
-        ["pgrep", "-P", str(pid), "-f", "spawn_main"], capture_output=True, text=True
+        ["pgrep", "-P", str(pid), "-f", "node.workers import main"], capture_output=True, text=True
     ).stdout
     return [int(x) for x in out.split()]
 

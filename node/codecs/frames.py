@@ -10,12 +10,13 @@ frame, Basic Offset Table filled, Extended Offset Table when it cannot address t
 from __future__ import annotations
 
 import math
+import struct
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 from pydicom.dataset import Dataset
-from pydicom.encaps import encapsulate, encapsulate_extended
+from pydicom.encaps import encapsulate_extended
 from pydicom.uid import UID
 from pydicom.valuerep import VR
 
@@ -67,11 +68,29 @@ def set_encapsulated(ds: Dataset, frames: list[bytes], target: UID) -> None:
         ds.ExtendedOffsetTable = offsets
         ds.ExtendedOffsetTableLengths = lengths
     else:
-        ds.PixelData = encapsulate(frames, has_bot=True)
+        ds.PixelData = encapsulate_with_offsets(frames)
     elem = ds["PixelData"]
     elem.VR = VR.OB
     elem.is_undefined_length = True
     ds.file_meta.TransferSyntaxUID = target
+
+
+def encapsulate_with_offsets(frames: list[bytes]) -> bytes:
+    """What ``pydicom.encaps.encapsulate(frames, has_bot=True)`` returns, with one copy.
+
+    pydicom copies each frame into an item, the items into a growing buffer and the
+    buffer into bytes: for a mammogram that is three more codestream-sized buffers
+    in the worker at once. Here the frames are copied once, by ``bytes.join``.
+    """
+    offsets, position = [], 0
+    parts: list[bytes] = [b""]  # the Basic Offset Table item, once the offsets are known
+    for frame in frames:
+        padding = b"\x00" if len(frame) % 2 else b""
+        offsets.append(position)
+        parts += [struct.pack("<HHL", 0xFFFE, 0xE000, len(frame) + len(padding)), frame, padding]
+        position += 8 + len(frame) + len(padding)
+    parts[0] = struct.pack(f"<HHL{len(offsets)}L", 0xFFFE, 0xE000, 4 * len(offsets), *offsets)
+    return b"".join(parts)
 
 
 # --------------------------------------------------------------------------- HTJ2K
