@@ -91,7 +91,8 @@ class Pipeline:
         """Start the workers and the dispatcher; queue what a previous run left in ``incoming/``."""
         # Every worker starts now, so that the first instances do not wait for
         # interpreter start-up and codec imports.
-        self._workers = [self._start_worker() for _ in range(self.config.node.worker_count)]
+        for _ in range(self.config.node.worker_count):
+            self._workers.append(self._start_worker())  # stop() ends those started
         left_over = self.spool.list_incoming()
         with self._lock:
             self._pending.extend(left_over)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import pydicom
+import pytest
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 
 from node.config import load_config
-from node.pipeline import MAX_CRASHES, Pipeline
+from node.pipeline import MAX_CRASHES, Pipeline, WorkerStartError
 from node.spool import Arrival, Spool
 from tests import images
 from tests.conftest import default_config, free_port
@@ -62,3 +63,19 @@ def test_only_the_instance_that_kills_workers_is_quarantined(tmp_path) -> None:
     assert poison not in archived
     assert not list(spool.incoming.glob("*.dcm"))
     assert sorted(o.status for o in routed) == ["delivered"] * len(good)
+
+
+def test_a_worker_that_cannot_start_is_a_clear_startup_error(tmp_path) -> None:
+    config_file = tmp_path / "node.yaml"
+    config_file.write_text(default_config(tmp_path, free_port(), workers=1))
+    config = load_config(str(config_file))
+    spool = Spool(config.node.spool)
+    spool.create()
+
+    def not_importable_by_a_worker(config, path):  # a local function has no module path
+        raise AssertionError("never runs")
+
+    pipeline = Pipeline(config, spool, task=not_importable_by_a_worker)
+    with pytest.raises(WorkerStartError, match=r"died while starting \(exit code 1\)"):
+        pipeline.start()
+    pipeline.stop()
