@@ -6,9 +6,9 @@ socket, and logs each outcome. Nothing here decodes pixels: that happens in
 :mod:`node.workers`, in other processes.
 
 Why not :class:`concurrent.futures.ProcessPoolExecutor`: its queues, locks and helper
-threads cost about 0.35 ms of CPU per task in this process (measured with a no-op
-task), taken from the thread that answers C-STOREs; a pipe per worker costs about
-0.02 ms. And a worker that dies takes only its own instance with it, so the culprit
+threads cost 0.25-0.36 ms of CPU per task in this process, one task at a time, taken
+from the thread that answers C-STOREs; a socket per worker costs about 0.02 ms
+(``benchmarks/dispatch.py``, no-op tasks). And a worker that dies takes only its own instance with it, so the culprit
 of a crash is known exactly. Workers are started with :mod:`subprocess`, see
 :func:`node.workers.main`.
 """
