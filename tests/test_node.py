@@ -285,6 +285,15 @@ def test_rule_without_compress_stores_the_data_set_as_received(nodes, tmp_path) 
     node.wait_spool_empty()
 
 
+def test_workers_only_take_cpu_the_receiving_side_leaves(nodes) -> None:
+    node = nodes.start()
+    node.wait_until(lambda: len(worker_processes(node.proc.pid)) == 2, 30, "2 workers")
+    for pid in worker_processes(node.proc.pid):
+        assert os.sched_getscheduler(pid) == os.SCHED_IDLE
+        assert os.getpriority(os.PRIO_PROCESS, pid) == 15  # lowest best-effort I/O too
+    assert os.sched_getscheduler(node.proc.pid) == os.SCHED_OTHER
+
+
 def test_a_worker_killed_mid_compression_is_replaced_and_nothing_is_lost(nodes, tmp_path) -> None:
     """A worker that dies (as from a codec crash) costs a retry, not an instance."""
     node = nodes.start(
