@@ -362,7 +362,9 @@ def _encode_explicit_little(ds: Dataset) -> list[bytes]:
         elif tag == PIXEL_DATA and _value_writable_as_is(ds[tag]):
             chunks += [fp.getvalue(), *_pixel_data_chunks(ds[tag])]
             fp = _little_explicit_buffer()
-        elif (data := _plain_value_bytes(elem.VR, elem.value)) is not None:
+        elif not _undefined_length(elem) and (
+            (data := _plain_value_bytes(elem.VR, elem.value)) is not None
+        ):
             fp.write(_raw_header(tag, elem.VR, len(data)))
             fp.write(data)
         else:
@@ -389,7 +391,7 @@ def _file_meta_bytes(meta: FileMetaDataset) -> bytes | None:
         if _copyable(elem):
             parts += [_raw_header(tag, elem.VR, elem.length), elem.value]
             continue
-        data = _plain_value_bytes(elem.VR, elem.value)
+        data = None if _undefined_length(elem) else _plain_value_bytes(elem.VR, elem.value)
         if data is None:
             return None
         parts += [_raw_header(tag, elem.VR, len(data)), data]
@@ -416,6 +418,12 @@ def _plain_value_bytes(vr: str, value: Any) -> bytes | None:
     if vr == "OB" and isinstance(value, bytes):
         return value + b"\x00" if len(value) % 2 else value
     return None
+
+
+def _undefined_length(elem: DataElement | RawDataElement) -> bool:
+    if isinstance(elem, RawDataElement):
+        return elem.length == 0xFFFFFFFF
+    return elem.is_undefined_length
 
 
 def _little_explicit_buffer() -> DicomBytesIO:

@@ -133,3 +133,15 @@ def test_encapsulation_is_byte_identical_to_pydicoms(lengths: list[int]) -> None
     rng = np.random.default_rng(len(lengths))
     frames = [rng.integers(0, 256, n, dtype=np.uint8).tobytes() for n in lengths]
     assert encapsulate_with_offsets(frames) == encapsulate(frames, has_bot=True)
+
+
+def test_odd_length_encapsulated_pixel_data_is_written_as_pydicom_writes_it() -> None:
+    ds = images.as_read(images.make_ct(8, 8))
+    ds.file_meta.TransferSyntaxUID = UID("1.2.840.10008.1.2.4.80")
+    ds.PixelData = encapsulate([b"\xff\xd8abc\xff\xd9"]) + b"\x00"  # odd: pydicom pads it
+    ds["PixelData"].VR = "OB"
+    ds["PixelData"].is_undefined_length = True
+    ours = encode_part10(ds)
+    expected = BytesIO()
+    ds.save_as(expected, enforce_file_format=True)
+    assert ours == expected.getvalue()

@@ -7,7 +7,7 @@ import pytest
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 
-from node.config import load_config
+from node.config import Config, load_config
 from node.pipeline import MAX_CRASHES, Pipeline, WorkerStartError
 from node.spool import Arrival, Spool
 from tests import images
@@ -34,12 +34,17 @@ def _accept(spool: Spool, seed: int, patient_id: str) -> str:
     return str(ds.SOPInstanceUID)
 
 
-def test_only_the_instance_that_kills_workers_is_quarantined(tmp_path) -> None:
+def _config_and_spool(tmp_path, workers: int) -> tuple[Config, Spool]:
     config_file = tmp_path / "node.yaml"
-    config_file.write_text(default_config(tmp_path, free_port(), workers=2))
+    config_file.write_text(default_config(tmp_path, free_port(), workers=workers))
     config = load_config(str(config_file))
     spool = Spool(config.node.spool)
     spool.create()
+    return config, spool
+
+
+def test_only_the_instance_that_kills_workers_is_quarantined(tmp_path) -> None:
+    config, spool = _config_and_spool(tmp_path, workers=2)
     # The poison first: it kills its worker at once, while a good one is in the other
     # worker, and again each time it is retried.
     poison = _accept(spool, 99, POISON.decode())
@@ -66,11 +71,7 @@ def test_only_the_instance_that_kills_workers_is_quarantined(tmp_path) -> None:
 
 
 def test_a_worker_that_cannot_start_is_a_clear_startup_error(tmp_path) -> None:
-    config_file = tmp_path / "node.yaml"
-    config_file.write_text(default_config(tmp_path, free_port(), workers=1))
-    config = load_config(str(config_file))
-    spool = Spool(config.node.spool)
-    spool.create()
+    config, spool = _config_and_spool(tmp_path, workers=1)
 
     def not_importable_by_a_worker(config, path):  # a local function has no module path
         raise AssertionError("never runs")
