@@ -546,8 +546,9 @@ def test_stale_extended_offset_table_is_removed() -> None:
 
 
 def test_jpeg_ls_precision_is_bits_stored_so_signed_ct_decodes_with_its_sign() -> None:
-    # imagecodecs' jpegls_encode writes P = 16 for this image, and pydicom then decodes
-    # the -2048 padding as +2048: the node codes P = Bits Stored through CharLS's C API.
+    # Coded as its 12-bit pattern with P = 16 (what imagecodecs' jpegls_encode would
+    # write), this image decodes in pydicom with -2048 as +2048: the node codes P = Bits
+    # Stored through CharLS's C API.
     source = INPUTS["ct"]()
     assert source.PixelRepresentation == 1 and source.BitsStored == 12
     result = compress_dataset(source, spec(JPEGLSLossless))

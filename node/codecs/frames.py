@@ -195,10 +195,9 @@ def jpegls(frame: np.ndarray, pixels: Pixels, *, near: int = 0) -> bytes:
 
     The sample precision P is Bits Stored, as pyjpegls writes it, through CharLS's C
     API (:mod:`node.codecs.charls`). imagecodecs' own ``jpegls_encode`` always writes P
-    = Bits Allocated, and pydicom restores the sign of signed data from P, so a
-    signed 12-bit image would decode as positive values: that fallback (for an
-    imagecodecs build without the C API) codes Bits Stored == Bits Allocated only,
-    NEAR 0-9, and leaves the rest to the next encoder.
+    = Bits Allocated, so the fallback for an imagecodecs build without that API codes
+    Bits Stored == Bits Allocated only, NEAR 0-9, and leaves the rest to the next
+    encoder.
     """
     if charls.is_available():
         return charls.encode(
