@@ -30,6 +30,10 @@ from node.fsutil import TMP_SUFFIX, DurableFile, fsync_dir, makedirs_durably, wr
 PREAMBLE = b"\x00" * 128 + b"DICM"
 IMPLEMENTATION_CLASS_UID = "1.2.826.0.1.3680043.10.1497.1"
 IMPLEMENTATION_VERSION_NAME = "DICOM_NODE_010"
+# VRs whose explicit VR header has two reserved bytes and a 32-bit length (PS3.5 7.1.2).
+LONG_LENGTH_VRS = frozenset(
+    {"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"}
+)
 
 
 @dataclass(frozen=True)
@@ -176,9 +180,15 @@ def encode_file_meta(arrival: Arrival) -> bytes:
 
 
 def _element(element: int, vr: str, value: bytes) -> bytes:
-    if vr in ("OB", "UR"):
-        return struct.pack("<HH2sHI", 0x0002, element, vr.encode(), 0, len(value)) + value
-    return struct.pack("<HH2sH", 0x0002, element, vr.encode(), len(value)) + value
+    return element_header(0x00020000 | element, vr, len(value)) + value
+
+
+def element_header(tag: int, vr: str, length: int) -> bytes:
+    """An explicit VR little endian element header (PS3.5 7.1.2)."""
+    group, element = tag >> 16, tag & 0xFFFF
+    if vr in LONG_LENGTH_VRS:
+        return struct.pack("<HH2sHL", group, element, vr.encode(), 0, length)
+    return struct.pack("<HH2sH", group, element, vr.encode(), length)
 
 
 def _uid(value: str) -> bytes:

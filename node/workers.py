@@ -29,7 +29,7 @@ from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import EXPLICIT_VR_LENGTH_32, write_data_element, write_file_meta_info
+from pydicom.filewriter import write_data_element, write_file_meta_info
 from pydicom.uid import UID
 
 from node.allocator import keep_large_buffers, release_free_memory
@@ -39,7 +39,12 @@ from node.config import Config, DicomDestination, FolderDestination, Rule
 from node.destinations import folder
 from node.fsutil import link_or_copy_durably, makedirs_durably, write_durably
 from node.rules import Origin, first_match
-from node.spool import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, Spool
+from node.spool import (
+    IMPLEMENTATION_CLASS_UID,
+    IMPLEMENTATION_VERSION_NAME,
+    Spool,
+    element_header,
+)
 
 PR_SET_PDEATHSIG = 1  # from <sys/prctl.h>
 DEFER_BYTES = 64 * 1024
@@ -357,7 +362,7 @@ def _encode_explicit_little(ds: Dataset) -> list[bytes]:
             continue  # retired group lengths, as pydicom's writer drops them
         elem = ds.get_item(tag)
         if _copyable(elem):
-            fp.write(_raw_header(tag, elem.VR, elem.length))
+            fp.write(element_header(tag, elem.VR, elem.length))
             fp.write(elem.value)
         elif tag == PIXEL_DATA and _value_writable_as_is(ds[tag]):
             chunks += [fp.getvalue(), *_pixel_data_chunks(ds[tag])]
@@ -365,7 +370,7 @@ def _encode_explicit_little(ds: Dataset) -> list[bytes]:
         elif not _undefined_length(elem) and (
             (data := _plain_value_bytes(elem.VR, elem.value)) is not None
         ):
-            fp.write(_raw_header(tag, elem.VR, len(data)))
+            fp.write(element_header(tag, elem.VR, len(data)))
             fp.write(data)
         else:
             write_data_element(fp, ds[tag], charset)
@@ -389,14 +394,14 @@ def _file_meta_bytes(meta: FileMetaDataset) -> bytes | None:
             continue
         elem = meta.get_item(tag)
         if _copyable(elem):
-            parts += [_raw_header(tag, elem.VR, elem.length), elem.value]
+            parts += [element_header(tag, elem.VR, elem.length), elem.value]
             continue
         data = None if _undefined_length(elem) else _plain_value_bytes(elem.VR, elem.value)
         if data is None:
             return None
-        parts += [_raw_header(tag, elem.VR, len(data)), data]
+        parts += [element_header(tag, elem.VR, len(data)), data]
     body = b"".join(parts)
-    return _raw_header(META_GROUP_LENGTH, "UL", 4) + struct.pack("<L", len(body)) + body
+    return element_header(META_GROUP_LENGTH, "UL", 4) + struct.pack("<L", len(body)) + body
 
 
 def _plain_value_bytes(vr: str, value: Any) -> bytes | None:
@@ -445,8 +450,8 @@ def _value_writable_as_is(elem: DataElement) -> bool:
 
 def _pixel_data_chunks(elem: DataElement) -> list[bytes]:
     if elem.is_undefined_length:  # encapsulated: items, then the sequence delimiter
-        return [_raw_header(PIXEL_DATA, elem.VR, 0xFFFFFFFF), elem.value, SEQUENCE_DELIMITER]
-    return [_raw_header(PIXEL_DATA, elem.VR, len(elem.value)), elem.value]
+        return [element_header(PIXEL_DATA, elem.VR, 0xFFFFFFFF), elem.value, SEQUENCE_DELIMITER]
+    return [element_header(PIXEL_DATA, elem.VR, len(elem.value)), elem.value]
 
 
 def _copyable(elem: Any) -> bool:
@@ -457,13 +462,6 @@ def _copyable(elem: Any) -> bool:
         and elem.length != 0xFFFFFFFF
         and len(elem.value) == elem.length
     )
-
-
-def _raw_header(tag: int, vr: str, length: int) -> bytes:
-    group, element = tag >> 16, tag & 0xFFFF
-    if vr in EXPLICIT_VR_LENGTH_32:
-        return struct.pack("<HH2sHL", group, element, vr.encode(), 0, length)
-    return struct.pack("<HH2sH", group, element, vr.encode(), length)
 
 
 def _size(path: Path) -> int:
