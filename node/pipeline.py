@@ -81,7 +81,7 @@ class Pipeline:
         self._config_blob: tuple[Config, bytes] | None = None
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
-        # submit() wakes the dispatcher, which sleeps on its workers' pipes, through this.
+        # submit() wakes the dispatcher, which sleeps on its workers' sockets, through this.
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -209,10 +209,7 @@ class Pipeline:
                 try:
                     self._collect(worker)
                 except Exception:  # a bug here must not stop every later instance
-                    log.exception("settling %s failed", worker.job)
-                    with self._idle:
-                        worker.job = None
-                        self._idle.notify_all()
+                    log.exception("settling the instance of worker %s failed", worker.process.pid)
 
     def _hand_out(self) -> list[_Worker]:
         """Give pending instances to idle workers (under the lock); the caller sends them."""
@@ -227,30 +224,30 @@ class Pipeline:
 
     def _send(self, worker: _Worker) -> None:
         assert worker.job is not None
-        # If it died, its pipe reads as EOF and _collect takes it from there.
+        # If it died, its socket reads as EOF and _collect takes it from there.
         with contextlib.suppress(OSError):
             worker.conn.send_bytes(self._job_message(worker.job))
 
     def _drain_wake_ups(self) -> None:
-        try:
+        with contextlib.suppress(BlockingIOError):  # empty now
             while os.read(self._wake_r, 4096):
                 pass
-        except BlockingIOError:
-            pass
 
     def _collect(self, worker: _Worker) -> None:
         """Settle the instance ``worker`` held: its outcome, its error, or the worker's death."""
         path = worker.job
         assert path is not None
         try:
-            reply: Reply = pickle.loads(worker.conn.recv_bytes())
-        except (EOFError, OSError):
-            self._worker_died(worker, path)
-        else:
-            self._settle(path, reply)
-        with self._idle:
-            worker.job = None
-            self._idle.notify_all()
+            try:
+                reply: Reply = pickle.loads(worker.conn.recv_bytes())
+            except (EOFError, OSError):
+                self._worker_died(worker, path)
+            else:
+                self._settle(path, reply)
+        finally:
+            with self._idle:
+                worker.job = None
+                self._idle.notify_all()
 
     def _settle(self, path: Path, reply: Reply) -> None:
         if reply.outcome is not None:

@@ -77,7 +77,6 @@ def _declare(lib: ctypes.CDLL) -> None:
         ),
         "charls_jpegls_encoder_get_bytes_written": (ctypes.c_int32, [handle, size_p]),
         "charls_get_error_message": (ctypes.c_char_p, [ctypes.c_int32]),
-        "charls_get_version_string": (ctypes.c_char_p, []),
     }
     for name, (restype, argtypes) in signatures.items():
         func = getattr(lib, name)
@@ -86,11 +85,6 @@ def _declare(lib: ctypes.CDLL) -> None:
 
 def is_available() -> bool:
     return _library() is not None
-
-
-def version() -> str:
-    lib = _library()
-    return lib.charls_get_version_string().decode() if lib is not None else ""
 
 
 def encode(samples: np.ndarray, bits_per_sample: int, *, near: int = 0) -> bytearray:
