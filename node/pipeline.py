@@ -1,15 +1,18 @@
 """Feeds acknowledged instances from the spool to the worker processes.
 
 The receive handler calls :meth:`Pipeline.submit` after an instance is durable; a
-dispatcher thread hands each instance to an idle worker through that worker's own
-socket, and logs each outcome. Nothing here decodes pixels: that happens in
+dispatcher thread hands each instance to a free worker through that worker's own
+socket, and logs each outcome. A worker holds at most two instances: one it
+compresses and the one before, which its writer thread writes out (see
+:class:`node.workers.Prepared`). Nothing here decodes pixels: that happens in
 :mod:`node.workers`, in other processes.
 
 Why not :class:`concurrent.futures.ProcessPoolExecutor`: its queues, locks and helper
 threads cost 0.25-0.36 ms of CPU per task in this process, one task at a time, taken
 from the thread that answers C-STOREs; a socket per worker costs about 0.02 ms
-(``benchmarks/dispatch.py``, no-op tasks). And a worker that dies takes only its own instance with it, so the culprit
-of a crash is known exactly. Workers are started with :mod:`subprocess`, see
+(``benchmarks/dispatch.py``, no-op tasks). And a worker that dies takes with it only
+the instance it compresses (the one it writes is done again), so the culprit of a
+crash is known exactly. Workers are started with :mod:`subprocess`, see
 :func:`node.workers.main`.
 """
 
@@ -33,7 +36,7 @@ from pathlib import Path
 from node.config import Config
 from node.errors import StartupError
 from node.spool import Spool
-from node.workers import READY, Outcome, Reply, Task, process_incoming
+from node.workers import DONE, FREE, READY, Outcome, Reply, Task, prepare_incoming
 
 log = logging.getLogger("dicom_node.pipeline")
 
@@ -57,18 +60,28 @@ class WorkerStartError(StartupError):
 class _Worker:
     process: subprocess.Popen[bytes]
     conn: Connection
-    job: Path | None = None  # the incoming file it is working on
+    # The incoming file it reads and compresses: the one to blame if it dies.
+    compressing: Path | None = None
+    writing: Path | None = None  # the one before, which its writer thread writes out
+
+    @property
+    def busy(self) -> bool:
+        return self.compressing is not None or self.writing is not None
+
+    def holds(self) -> list[Path]:
+        return [p for p in (self.writing, self.compressing) if p is not None]
 
 
 class Pipeline:
-    """Worker processes fed from ``incoming/`` in arrival order, one instance each at a time."""
+    """Worker processes fed from ``incoming/`` in arrival order, one instance each at a time
+    in compression."""
 
     def __init__(
         self,
         config: Config,
         spool: Spool,
         on_outcome: Callable[[Outcome], None] | None = None,
-        task: Task = process_incoming,
+        task: Task = prepare_incoming,
     ) -> None:
         self.config = config
         self.spool = spool
@@ -134,10 +147,9 @@ class Pipeline:
         if self._thread.is_alive():
             # Whatever a worker still holds stays in incoming/ and is redone at next start.
             for worker in self._workers:
-                if worker.job is not None:
-                    log.warning(
-                        "%s still in hand at shutdown; its worker is stopped", worker.job.name
-                    )
+                for path in worker.holds():
+                    log.warning("%s still in hand at shutdown; its worker is stopped", path.name)
+                if worker.busy:
                     worker.process.kill()
             self._thread.join()
         for worker in self._workers:
@@ -154,7 +166,7 @@ class Pipeline:
     # ----------------------------------------------------------------- internals
 
     def _busy(self) -> int:
-        return sum(worker.job is not None for worker in self._workers)
+        return sum(len(worker.holds()) for worker in self._workers)
 
     def _wake(self) -> None:
         with contextlib.suppress(BlockingIOError):  # the pipe is full of wake-ups already
@@ -198,7 +210,7 @@ class Pipeline:
                 if self._stopping and not self._busy():
                     return
                 handed = self._hand_out()
-                waiting_on = [w.conn for w in self._workers if w.job is not None]
+                waiting_on = [w.conn for w in self._workers if w.busy]
             for worker in handed:
                 self._send(worker)
             for ready in wait([*waiting_on, self._wake_r]):
@@ -212,21 +224,21 @@ class Pipeline:
                     log.exception("settling the instance of worker %s failed", worker.process.pid)
 
     def _hand_out(self) -> list[_Worker]:
-        """Give pending instances to idle workers (under the lock); the caller sends them."""
+        """Give pending instances to free workers (under the lock); the caller sends them."""
         handed = []
         for worker in self._workers:
             if not self._pending or self._stopping:
                 break
-            if worker.job is None:
-                worker.job = self._pending.popleft()
+            if worker.compressing is None:
+                worker.compressing = self._pending.popleft()
                 handed.append(worker)
         return handed
 
     def _send(self, worker: _Worker) -> None:
-        assert worker.job is not None
+        assert worker.compressing is not None
         # If it died, its socket reads as EOF and _collect takes it from there.
         with contextlib.suppress(OSError):
-            worker.conn.send_bytes(self._job_message(worker.job))
+            worker.conn.send_bytes(self._job_message(worker.compressing))
 
     def _drain_wake_ups(self) -> None:
         with contextlib.suppress(BlockingIOError):  # empty now
@@ -234,19 +246,28 @@ class Pipeline:
                 pass
 
     def _collect(self, worker: _Worker) -> None:
-        """Settle the instance ``worker`` held: its outcome, its error, or the worker's death."""
-        path = worker.job
-        assert path is not None
+        """Take one message of ``worker``: an instance moved on to its writer thread, an
+        instance settled (its outcome or its error), or the worker's death."""
         try:
-            try:
-                reply: Reply = pickle.loads(worker.conn.recv_bytes())
-            except (EOFError, OSError):
-                self._worker_died(worker, path)
-            else:
-                self._settle(path, reply)
+            message = pickle.loads(worker.conn.recv_bytes())
+        except (EOFError, OSError):
+            self._worker_died(worker)
+            return
+        kind, path_text, *rest = message
+        path = Path(path_text)
+        if kind == FREE:
+            with self._lock:
+                worker.writing, worker.compressing = worker.compressing, None
+            return
+        assert kind == DONE, message
+        try:
+            self._settle(path, rest[0])
         finally:
             with self._idle:
-                worker.job = None
+                if worker.writing == path:
+                    worker.writing = None
+                elif worker.compressing == path:
+                    worker.compressing = None
                 self._idle.notify_all()
 
     def _settle(self, path: Path, reply: Reply) -> None:
@@ -274,36 +295,46 @@ class Pipeline:
         timer.daemon = True
         timer.start()
 
-    def _worker_died(self, worker: _Worker, path: Path) -> None:
-        """A worker died on ``path``: start another; try the instance again, or give up on it.
+    def _worker_died(self, worker: _Worker) -> None:
+        """A worker died: start another; try its instances again, or give up on one.
 
-        A worker holds one instance at a time, so the instance it died on is known; a
-        codec that crashes on one input costs that input a few tries, nobody else.
+        A worker compresses one instance at a time, and that is the one it died on
+        (else the one it was writing out): a codec that crashes on one input costs that
+        input a few tries, nobody else. The other instance it held is simply done again.
         """
         worker.conn.close()
         how = _exit_description(worker.process, wait=1.0)
         replacement = None if self._stopping else self._replacement_worker()
-        crashes = self._crashes.get(path, 0) + 1
-        self._crashes[path] = crashes
+        blamed = worker.compressing or worker.writing
+        innocent = worker.writing if worker.compressing is not None else None
+        assert blamed is not None, "a worker with nothing in hand is not waited on"
+        crashes = self._crashes.get(blamed, 0) + 1
+        self._crashes[blamed] = crashes
         if crashes >= MAX_CRASHES:
-            self._crashes.pop(path, None)
-            self._keep_after_error(path, f"a worker process died {crashes} times on it ({how})")
+            self._crashes.pop(blamed, None)
+            self._keep_after_error(blamed, f"a worker process died {crashes} times on it ({how})")
         else:
             log.error(
                 "a worker died on %s (%s; %d of %d); trying again",
-                path.name,
+                blamed.name,
                 how,
                 crashes,
                 MAX_CRASHES,
             )
-        with self._lock:
+        if innocent is not None:
+            log.warning("%s is handled again: its worker died while writing it", innocent.name)
+        with self._idle:
+            worker.compressing = worker.writing = None
             index = self._workers.index(worker)
             if replacement is None:
-                del self._workers[index]  # shutting down: the instance waits in incoming/
+                del self._workers[index]  # shutting down: the instances wait in incoming/
             else:
                 self._workers[index] = replacement
                 if crashes < MAX_CRASHES:
-                    self._pending.appendleft(path)
+                    self._pending.appendleft(blamed)
+                if innocent is not None:
+                    self._pending.appendleft(innocent)
+            self._idle.notify_all()
 
     def _replacement_worker(self) -> _Worker:
         while True:

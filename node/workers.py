@@ -10,6 +10,7 @@ import ctypes
 import importlib
 import os
 import pickle
+import queue
 import signal
 import struct
 import sys
@@ -94,8 +95,31 @@ class Reply:
     traceback: str = ""
 
 
-# What a worker runs per instance: (config, path of the incoming file) -> Outcome.
-Task = Callable[[Config, str], Outcome]
+@dataclass
+class Prepared:
+    """An instance routed and compressed, still to be written to its destinations.
+
+    A worker's writer thread does this part (durable writes, links, fsyncs: mostly
+    waiting for the disk) while the worker compresses the next instance.
+    """
+
+    outcome: Outcome
+    write: Callable[[], None]
+    started: float
+
+    def finish(self) -> Outcome:
+        self.write()
+        self.outcome.seconds = time.perf_counter() - self.started
+        return self.outcome
+
+
+# What a worker runs per instance: (config, path of the incoming file) -> the outcome,
+# or the prepared instance that gives it once written.
+Task = Callable[[Config, str], "Outcome | Prepared"]
+# A worker's messages to the node: (FREE, path): it may be sent the next instance while
+# its writer thread writes this one; (DONE, path, Reply): this one is settled.
+FREE = "free"
+DONE = "done"
 
 
 def main() -> None:
@@ -112,34 +136,101 @@ def main() -> None:
 
 
 def serve(conn: Connection, task: Task, parent_pid: int) -> None:
-    """A worker process's main loop: one job at a time from its socket, the reply back.
+    """A worker process's main loop: one job at a time from its socket, replies back.
 
     A job is ``(pickled config, path)``; the config is unpickled again only when it
     changed (a reload). The loop ends when the node closes its end.
     """
     init_worker(parent_pid)
-    conn.send_bytes(READY)
+    sending = threading.Lock()  # the main thread and the writer thread both reply
+
+    def send(message: object) -> None:
+        data = message if isinstance(message, bytes) else pickle.dumps(message)
+        with sending:
+            conn.send_bytes(data)
+
+    send(READY)
+    writer = _Writer(send)
     config: tuple[bytes, Config] | None = None
-    while True:
-        try:
-            blob, path_text = pickle.loads(conn.recv_bytes())
-        except EOFError:
-            return
-        if config is None or config[0] != blob:
-            config = (blob, pickle.loads(blob))
-        reply = _run(task, config[1], path_text)
-        conn.send_bytes(pickle.dumps(reply))
-        if reply.outcome is not None and reply.outcome.bytes_in >= LARGE_INSTANCE_BYTES:
-            release_free_memory()
-
-
-def _run(task: Task, config: Config, path_text: str) -> Reply:
     try:
-        return Reply(outcome=task(config, path_text))
-    except OSError as exc:
+        while True:
+            try:
+                blob, path_text = pickle.loads(conn.recv_bytes())
+            except EOFError:
+                return
+            if config is None or config[0] != blob:
+                config = (blob, pickle.loads(blob))
+            result = _run(task, config[1], path_text)
+            if isinstance(result, Prepared):
+                writer.take(path_text, result)
+            else:
+                send((DONE, path_text, result))
+    finally:
+        writer.close()
+
+
+class _Writer:
+    """The thread that writes a worker's instances out, one at a time.
+
+    While it waits for fsyncs the worker compresses the next instance, so the core is
+    not left idle (measured on 2 cores: 14-18 % of both cores idle with one worker per
+    core, the node fed as fast as it can). It holds at most one instance, and none
+    that is large, so a worker's memory stays that of about one instance.
+    """
+
+    def __init__(self, send: Callable[[object], None]) -> None:
+        self._send = send
+        self._jobs: queue.Queue[tuple[str, Prepared] | None] = queue.Queue(maxsize=1)
+        self._thread = threading.Thread(target=self._loop, name="writer", daemon=True)
+        self._thread.start()
+
+    def take(self, path_text: str, prepared: Prepared) -> None:
+        """Write ``prepared`` out; return once the worker may take the next instance."""
+        self._jobs.join()  # the one before is written
+        large = prepared.outcome.bytes_in >= LARGE_INSTANCE_BYTES
+        if not large:
+            # Said before the writer starts, so the node always hears FREE before DONE.
+            self._send((FREE, path_text))
+        self._jobs.put((path_text, prepared))
+        if large:
+            self._jobs.join()
+
+    def close(self) -> None:
+        self._jobs.join()
+        self._jobs.put(None)
+        self._thread.join()
+
+    def _loop(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            path_text, prepared = job
+            reply = _finish(prepared)
+            self._send((DONE, path_text, reply))
+            if reply.outcome is not None and reply.outcome.bytes_in >= LARGE_INSTANCE_BYTES:
+                release_free_memory()
+            self._jobs.task_done()
+        self._jobs.task_done()
+
+
+def _run(task: Task, config: Config, path_text: str) -> Reply | Prepared:
+    try:
+        result = task(config, path_text)
+    except Exception as exc:
+        return _error_reply(exc)
+    return result if isinstance(result, Prepared) else Reply(outcome=result)
+
+
+def _finish(prepared: Prepared) -> Reply:
+    try:
+        return Reply(outcome=prepared.finish())
+    except Exception as exc:
+        return _error_reply(exc)
+
+
+def _error_reply(exc: Exception) -> Reply:
+    if isinstance(exc, OSError):  # disk full, I/O error: the instance is fine
         return Reply(error=str(exc), os_error=True)
-    except Exception as exc:  # a bug in our code: the node keeps the file and says so
-        return Reply(error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
+    # A bug in our code: the node keeps the file and says so.
+    return Reply(error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
 
 
 def init_worker(parent_pid: int) -> None:
@@ -193,6 +284,16 @@ def _exit_when_orphaned(parent_pid: int) -> None:
 
 def process_incoming(config: Config, path_text: str) -> Outcome:
     """Route one file of ``incoming/``; remove it once every destination has it."""
+    result = prepare_incoming(config, path_text)
+    return result.finish() if isinstance(result, Prepared) else result
+
+
+def prepare_incoming(config: Config, path_text: str) -> Outcome | Prepared:
+    """Read, route and compress one file of ``incoming/``; what is left is writing it.
+
+    Returns the outcome itself when there is nothing to write (the file was gone, is
+    unreadable, or no rule matched it).
+    """
     started = time.perf_counter()
     path = Path(path_text)
     spool = Spool(config.node.spool)
@@ -226,17 +327,19 @@ def process_incoming(config: Config, path_text: str) -> Outcome:
         # Sent as received: the spool file is already a valid Part 10 file, so it is
         # linked (or copied) to the destinations as it is, without re-encoding.
         outcome.transfer_syntax = str(ds.file_meta.TransferSyntaxUID)
-        _hand_over(config, spool, rule, ds, path, outcome, received=True)
-        outcome.seconds = time.perf_counter() - started
-        return outcome
+        return Prepared(
+            outcome,
+            lambda: _hand_over(config, spool, rule, ds, path, outcome, received=True),
+            started,
+        )
     result = _apply_rule(rule, ds, path)
     outcome.transfer_syntax = str(result.transfer_syntax)
     outcome.compressed, outcome.lossy = result.compressed, result.lossy
     outcome.reason, outcome.notes = result.reason, list(result.notes)
     outcome.sop_instance_uid = str(result.dataset.SOPInstanceUID)
-    _hand_over(config, spool, rule, result.dataset, path, outcome)
-    outcome.seconds = time.perf_counter() - started
-    return outcome
+    return Prepared(
+        outcome, lambda: _hand_over(config, spool, rule, result.dataset, path, outcome), started
+    )
 
 
 def _apply_rule(rule: Rule, ds: Dataset, path: Path) -> CompressResult:

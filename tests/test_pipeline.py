@@ -12,7 +12,7 @@ from node.pipeline import MAX_CRASHES, Pipeline, WorkerStartError
 from node.spool import Arrival, Spool
 from tests import images
 from tests.conftest import default_config, free_port
-from tests.crash_task import POISON, crash_on_poison
+from tests.crash_task import POISON, crash_on_poison, crash_on_poison_write_slowly
 
 
 def _accept(spool: Spool, seed: int, patient_id: str) -> str:
@@ -68,6 +68,35 @@ def test_only_the_instance_that_kills_workers_is_quarantined(tmp_path) -> None:
     assert poison not in archived
     assert not list(spool.incoming.glob("*.dcm"))
     assert sorted(o.status for o in routed) == ["delivered"] * len(good)
+
+
+def test_a_worker_that_dies_while_writing_one_instance_blames_the_one_it_compressed(
+    tmp_path, caplog
+) -> None:
+    config, spool = _config_and_spool(tmp_path, workers=1)
+    # One worker: the good instance goes to its writer thread, the poison follows and
+    # kills the worker while the good one is being written; three times over.
+    good = _accept(spool, 1, "GOOD")
+    poison = _accept(spool, 99, POISON.decode())
+    routed = []
+    pipeline = Pipeline(config, spool, on_outcome=routed.append, task=crash_on_poison_write_slowly)
+    try:
+        pipeline.start()
+        assert pipeline.wait_idle(timeout=120)
+    finally:
+        pipeline.stop()
+    quarantined = list(spool.quarantine.glob("*.dcm"))
+    assert len(quarantined) == 1
+    assert POISON in quarantined[0].read_bytes()
+    reason = quarantined[0].with_suffix(".txt").read_text()
+    assert f"died {MAX_CRASHES} times on it (exit code 70)" in reason
+    # The good one was in the writer at each death: done again, never blamed.
+    assert caplog.text.count("is handled again: its worker died while writing it") == MAX_CRASHES
+    archived = {pydicom.dcmread(f).SOPInstanceUID for f in (tmp_path / "archive").rglob("*.dcm")}
+    assert archived == {good}
+    assert poison not in archived
+    assert [o.status for o in routed] == ["delivered"]
+    assert not list(spool.incoming.glob("*.dcm"))
 
 
 def test_a_worker_that_cannot_start_is_a_clear_startup_error(tmp_path) -> None:
