@@ -195,6 +195,7 @@ class DataPhase:
         self._peer_max = int(assoc.requestor.maximum_length or 0)
         self._command: _Command | None = None
         self._instance: _Instance | None = None
+        self._ahead: DurableFile | None = None  # the next instance's spool file
         self._header = bytearray(6)
         self._body = bytearray(int(assoc.acceptor.maximum_length or 0) + 6)
 
@@ -229,6 +230,9 @@ class DataPhase:
         except Exception:  # a bug: the caller aborts; no temp file or descriptor is left
             self._drop_unfinished("internal error")
             raise
+        finally:
+            if self._ahead is not None:
+                self._ahead.discard()
 
     def abort(self) -> None:
         """Abort from another thread (shutdown); the loop's blocking read then ends."""
@@ -340,7 +344,8 @@ class DataPhase:
         else:
             try:
                 arrival = Arrival.on(self.assoc, sop_class, sop_instance, instance.transfer_syntax)
-                instance.file = self.target.spool.begin(arrival)
+                ahead, self._ahead = self._ahead, None
+                instance.file = self.target.spool.begin(arrival, ahead)
             except OSError as exc:
                 instance.outcome = self._cannot_store(instance, exc)
         self._instance = instance
@@ -391,9 +396,16 @@ class DataPhase:
             instance.outcome = self._make_durable(instance)
         status, comment = instance.outcome
         self._respond(context_id, store_response(instance, status, comment))
+        self._create_next_file()
         self.target.stored(
             self.assoc, instance.size, status == SUCCESS, time.perf_counter() - instance.started
         )
+
+    def _create_next_file(self) -> None:
+        """The next C-STORE's spool file, created while the peer is still preparing it."""
+        if self._ahead is None:
+            with contextlib.suppress(OSError):  # begin() tries again and answers the error
+                self._ahead = self.target.spool.create_ahead()
 
     def _make_durable(self, instance: _Instance) -> Outcome:
         """fsync, rename and directory fsync of the spool file, then queue it: Success."""

@@ -26,9 +26,10 @@ class DurableFile:
     Used for a data set streamed in as it arrives from the network.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, tmp: Path | None = None) -> None:
+        # ``path`` may still change before commit (a file created ahead of its data).
         self.path = path
-        self._tmp = path.with_name(f".{path.name}.{os.getpid()}{TMP_SUFFIX}")
+        self._tmp = tmp or path.with_name(f".{path.name}.{os.getpid()}{TMP_SUFFIX}")
         self._fd: int | None = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
 
     def write(self, data: bytes | memoryview) -> None:

@@ -196,6 +196,41 @@ def test_fragments_in_any_layout_arrive_whole_and_bit_exact(nodes, tmp_path) -> 
     assert "association released: FUZZER" in node.log_text()
 
 
+def _ahead_files(node) -> list[Path]:
+    return sorted((node.spool / "incoming").glob(".ahead-*.partial"))
+
+
+def test_the_next_spool_file_is_created_ahead_and_none_outlives_its_association(
+    nodes, tmp_path
+) -> None:
+    node = nodes.start()
+    first, second, third = (images.make_ct(rows=32, cols=32, seed=s) for s in (81, 82, 83))
+    peer = RawPeer(node.port)
+    peer.sock.sendall(pdu(0x04, pdv(1, 0x03, c_store_rq(first, 1))))
+    peer.sock.sendall(pdu(0x04, pdv(1, 0x02, explicit_le(first))))
+    assert peer.read_response().Status == 0x0000
+    # Created after the response, before the next request: used by the next instance.
+    node.wait_until(lambda: len(_ahead_files(node)) == 1, 10, "a file created ahead")
+    [ahead] = _ahead_files(node)
+    peer.sock.sendall(pdu(0x04, pdv(1, 0x03, c_store_rq(second, 2))))
+    peer.sock.sendall(pdu(0x04, pdv(1, 0x02, explicit_le(second))))
+    assert peer.read_response().Status == 0x0000
+    node.wait_until(lambda: _ahead_files(node) not in ([], [ahead]), 10, "the next one")
+    assert peer.release() == 0x06
+    node.wait_until(lambda: not _ahead_files(node), 10, "no file ahead after the release")
+    # Cut off with a file ahead of it: dropped as well.
+    peer = RawPeer(node.port)
+    peer.sock.sendall(pdu(0x04, pdv(1, 0x03, c_store_rq(third, 3))))
+    peer.sock.sendall(pdu(0x04, pdv(1, 0x02, explicit_le(third))))
+    assert peer.read_response().Status == 0x0000
+    node.wait_until(lambda: len(_ahead_files(node)) == 1, 10, "a file created ahead")
+    peer.sock.close()
+    node.wait_until(lambda: not _ahead_files(node), 10, "no file ahead after the cut")
+    archived = {pydicom.dcmread(f).SOPInstanceUID for f in node.wait_archived(3)}
+    assert archived == {first.SOPInstanceUID, second.SOPInstanceUID, third.SOPInstanceUID}
+    assert not list((node.spool / "incoming").iterdir())
+
+
 def test_a_connection_cut_mid_data_set_acknowledges_and_keeps_nothing(nodes, tmp_path) -> None:
     node = nodes.start()
     ds = images.make_ct(rows=64, cols=64, seed=72)
