@@ -22,6 +22,7 @@ import contextlib
 import logging
 import os
 import pickle
+import selectors
 import socket
 import subprocess
 import sys
@@ -30,7 +31,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from multiprocessing.connection import Connection, wait
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 from node.config import Config
@@ -98,6 +99,10 @@ class Pipeline:
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
+        # One selector for the dispatcher's whole life: multiprocessing's wait() builds
+        # and fills a new one on every call, twice per instance.
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
         self._thread = threading.Thread(target=self._dispatch, name="dispatcher", daemon=True)
 
     def start(self) -> int:
@@ -105,7 +110,9 @@ class Pipeline:
         # Every worker starts now, so that the first instances do not wait for
         # interpreter start-up and codec imports.
         for _ in range(self.config.node.worker_count):
-            self._workers.append(self._start_worker())  # stop() ends those started
+            worker = self._start_worker()
+            self._workers.append(worker)  # stop() ends those started
+            self._selector.register(worker.conn, selectors.EVENT_READ, worker)
         left_over = self.spool.list_incoming()
         with self._lock:
             self._pending.extend(left_over)
@@ -160,6 +167,7 @@ class Pipeline:
             except subprocess.TimeoutExpired:
                 worker.process.kill()
                 worker.process.wait()
+        self._selector.close()
         os.close(self._wake_r)
         os.close(self._wake_w)
 
@@ -210,14 +218,13 @@ class Pipeline:
                 if self._stopping and not self._busy():
                     return
                 handed = self._hand_out()
-                waiting_on = [w.conn for w in self._workers if w.busy]
             for worker in handed:
                 self._send(worker)
-            for ready in wait([*waiting_on, self._wake_r]):
-                if ready == self._wake_r:
+            for key, _ in self._selector.select():
+                worker = key.data
+                if worker is None:
                     self._drain_wake_ups()
                     continue
-                worker = next(w for w in self._workers if w.conn is ready)
                 try:
                     self._collect(worker)
                 except Exception:  # a bug here must not stop every later instance
@@ -302,25 +309,17 @@ class Pipeline:
         (else the one it was writing out): a codec that crashes on one input costs that
         input a few tries, nobody else. The other instance it held is simply done again.
         """
+        self._selector.unregister(worker.conn)
         worker.conn.close()
         how = _exit_description(worker.process, wait=1.0)
         replacement = None if self._stopping else self._replacement_worker()
         blamed = worker.compressing or worker.writing
         innocent = worker.writing if worker.compressing is not None else None
-        assert blamed is not None, "a worker with nothing in hand is not waited on"
-        crashes = self._crashes.get(blamed, 0) + 1
-        self._crashes[blamed] = crashes
-        if crashes >= MAX_CRASHES:
-            self._crashes.pop(blamed, None)
-            self._keep_after_error(blamed, f"a worker process died {crashes} times on it ({how})")
+        crashes = 0
+        if blamed is None:
+            log.error("a worker died while idle (%s); starting another", how)
         else:
-            log.error(
-                "a worker died on %s (%s; %d of %d); trying again",
-                blamed.name,
-                how,
-                crashes,
-                MAX_CRASHES,
-            )
+            crashes = self._count_crash(blamed, how)
         if innocent is not None:
             log.warning("%s is handled again: its worker died while writing it", innocent.name)
         with self._idle:
@@ -330,11 +329,29 @@ class Pipeline:
                 del self._workers[index]  # shutting down: the instances wait in incoming/
             else:
                 self._workers[index] = replacement
-                if crashes < MAX_CRASHES:
+                self._selector.register(replacement.conn, selectors.EVENT_READ, replacement)
+                if blamed is not None and crashes < MAX_CRASHES:
                     self._pending.appendleft(blamed)
                 if innocent is not None:
                     self._pending.appendleft(innocent)
             self._idle.notify_all()
+
+    def _count_crash(self, path: Path, how: str) -> int:
+        """One more worker death on ``path``; quarantine it at the last. The count so far."""
+        crashes = self._crashes.get(path, 0) + 1
+        self._crashes[path] = crashes
+        if crashes >= MAX_CRASHES:
+            self._crashes.pop(path, None)
+            self._keep_after_error(path, f"a worker process died {crashes} times on it ({how})")
+        else:
+            log.error(
+                "a worker died on %s (%s; %d of %d); trying again",
+                path.name,
+                how,
+                crashes,
+                MAX_CRASHES,
+            )
+        return crashes
 
     def _replacement_worker(self) -> _Worker:
         while True:

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import time
+from pathlib import Path
+
 import pydicom
 import pytest
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 
 from node.config import Config, load_config
-from node.pipeline import MAX_CRASHES, Pipeline, WorkerStartError
+from node.pipeline import MAX_CRASHES, WORKER_MAIN, Pipeline, WorkerStartError
 from node.spool import Arrival, Spool
 from tests import images
 from tests.conftest import default_config, free_port
@@ -97,6 +103,42 @@ def test_a_worker_that_dies_while_writing_one_instance_blames_the_one_it_compres
     assert poison not in archived
     assert [o.status for o in routed] == ["delivered"]
     assert not list(spool.incoming.glob("*.dcm"))
+
+
+def _worker_pids() -> list[int]:
+    """This process's worker processes, from /proc."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (stat.parent / "cmdline").read_bytes()
+            if ppid == os.getpid() and WORKER_MAIN.encode() in cmdline:
+                pids.append(int(stat.parent.name))
+    return pids
+
+
+def test_a_worker_that_dies_idle_is_replaced_and_blames_nobody(tmp_path, caplog) -> None:
+    config, spool = _config_and_spool(tmp_path, workers=1)
+    routed = []
+    pipeline = Pipeline(config, spool, on_outcome=routed.append)
+    try:
+        pipeline.start()
+        [pid] = _worker_pids()
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while "died while idle" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "a worker died while idle (killed by signal 9); starting another" in caplog.text
+        assert [p for p in _worker_pids() if p != pid]
+        # The next instance goes to the new worker, and is nobody's crash.
+        good = _accept(spool, 5, "AFTER")
+        pipeline.submit(spool.list_incoming()[0])
+        assert pipeline.wait_idle(timeout=60)
+    finally:
+        pipeline.stop()
+    assert [o.status for o in routed] == ["delivered"]
+    assert [o.sop_instance_uid for o in routed] == [good]
+    assert "a worker died on" not in caplog.text
 
 
 def test_a_worker_that_cannot_start_is_a_clear_startup_error(tmp_path) -> None:
