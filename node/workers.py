@@ -160,13 +160,21 @@ def serve(conn: Connection, task: Task, parent_pid: int) -> None:
                 return
             if config is None or config[0] != blob:
                 config = (blob, pickle.loads(blob))
-            result = _run(task, config[1], path_text)
-            if isinstance(result, Prepared):
-                writer.take(path_text, result)
-            else:
-                send((DONE, path_text, result))
+            _handle(task, config[1], path_text, writer, send)
     finally:
         writer.close()
+
+
+def _handle(
+    task: Task, config: Config, path_text: str, writer: _Writer, send: Callable[[object], None]
+) -> None:
+    # A function of its own, so that nothing of this instance (data set, pixel data)
+    # stays referenced while the next one is compressed.
+    result = _run(task, config, path_text)
+    if isinstance(result, Prepared):
+        writer.take(path_text, result)
+    else:
+        send((DONE, path_text, result))
 
 
 class _Writer:
@@ -203,7 +211,9 @@ class _Writer:
     def _loop(self) -> None:
         while (job := self._jobs.get()) is not None:
             path_text, prepared = job
+            del job  # the instance's memory goes with ``prepared``, below
             reply = _finish(prepared)
+            del prepared
             self._send((DONE, path_text, reply))
             if reply.outcome is not None and reply.outcome.bytes_in >= LARGE_INSTANCE_BYTES:
                 release_free_memory()

@@ -6,6 +6,7 @@ import contextlib
 import os
 import signal
 import time
+import weakref
 from pathlib import Path
 
 import pydicom
@@ -16,6 +17,7 @@ from pydicom.filewriter import write_dataset
 from node.config import Config, load_config
 from node.pipeline import MAX_CRASHES, WORKER_MAIN, Pipeline, WorkerStartError
 from node.spool import Arrival, Spool
+from node.workers import DONE, FREE, LARGE_INSTANCE_BYTES, Outcome, Prepared, _Writer
 from tests import images
 from tests.conftest import default_config, free_port
 from tests.crash_task import POISON, crash_on_poison, crash_on_poison_write_slowly
@@ -151,3 +153,32 @@ def test_a_worker_that_cannot_start_is_a_clear_startup_error(tmp_path) -> None:
     with pytest.raises(WorkerStartError, match=r"died while starting \(exit code 1\)"):
         pipeline.start()
     pipeline.stop()
+
+
+class _Buffers:
+    """Stands for an instance's data set and pixel data."""
+
+
+def test_a_written_instance_is_let_go_before_the_next_is_compressed() -> None:
+    sent: list[object] = []
+    writer = _Writer(sent.append)
+    held = []
+    for size in (LARGE_INSTANCE_BYTES, 1000, 1000):
+        buffers = _Buffers()
+        held.append(weakref.ref(buffers))
+        outcome = Outcome(incoming=f"{size}.dcm", status="delivered", bytes_in=size)
+        writer.take(outcome.incoming, Prepared(outcome, lambda b=buffers: None, 0.0))
+        del buffers
+    # The large one was written before take() returned; the first small one is written
+    # and dropped before the writer takes the second, which may still be in hand.
+    assert held[0]() is None
+    assert held[1]() is None
+    writer.close()
+    assert held[2]() is None
+    assert [(m[0], m[1]) for m in sent] == [
+        (DONE, f"{LARGE_INSTANCE_BYTES}.dcm"),
+        (FREE, "1000.dcm"),
+        (DONE, "1000.dcm"),
+        (FREE, "1000.dcm"),
+        (DONE, "1000.dcm"),
+    ]
