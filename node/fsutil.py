@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -29,7 +30,7 @@ class DurableFile:
     def __init__(self, path: Path, tmp: Path | None = None) -> None:
         # ``path`` may still change before commit (a file created ahead of its data).
         self.path = path
-        self._tmp = tmp or path.with_name(f".{path.name}.{os.getpid()}{TMP_SUFFIX}")
+        self._tmp = tmp or _tmp_name(path)
         self._fd: int | None = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
 
     def write(self, data: bytes | memoryview) -> None:
@@ -77,7 +78,7 @@ def write_durably(path: Path, chunks: Iterable[bytes], *, sync_dir: bool = True)
 
 def link_or_copy_durably(src: Path, dst: Path) -> None:
     """Give ``dst`` the content of ``src`` durably: a hard link where possible, else a copy."""
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}{TMP_SUFFIX}")
+    tmp = _tmp_name(dst)
     _unlink_quietly(tmp)
     try:
         os.link(src, tmp)
@@ -103,6 +104,12 @@ def makedirs_durably(path: Path) -> None:
         except FileExistsError:
             continue
         fsync_dir(d.parent)
+
+
+def _tmp_name(path: Path) -> Path:
+    # Unique per thread: two threads of a process may write the same file (the same
+    # instance received twice) at once.
+    return path.with_name(f".{path.name}.{os.getpid()}-{threading.get_native_id()}{TMP_SUFFIX}")
 
 
 def _unlink_quietly(path: Path) -> None:

@@ -163,22 +163,22 @@ def test_a_written_instance_is_let_go_before_the_next_is_compressed() -> None:
     sent: list[object] = []
     writer = _Writer(sent.append)
     held = []
-    for size in (LARGE_INSTANCE_BYTES, 1000, 1000):
+    sizes = (LARGE_INSTANCE_BYTES, 1000, 1000, LARGE_INSTANCE_BYTES)
+    for number, size in enumerate(sizes):
         buffers = _Buffers()
         held.append(weakref.ref(buffers))
-        outcome = Outcome(incoming=f"{size}.dcm", status="delivered", bytes_in=size)
+        outcome = Outcome(incoming=f"{number}.dcm", status="delivered", bytes_in=size)
         writer.take(outcome.incoming, Prepared(outcome, lambda b=buffers: None, 0.0))
         del buffers
-    # The large one was written before take() returned; the first small one is written
-    # and dropped before the writer takes the second, which may still be in hand.
-    assert held[0]() is None
-    assert held[1]() is None
+        if size == LARGE_INSTANCE_BYTES:
+            # Written alone, and let go of, before the worker takes the next instance
+            # (the small ones before it are written first).
+            assert all(ref() is None for ref in held)
     writer.close()
-    assert held[2]() is None
-    assert [(m[0], m[1]) for m in sent] == [
-        (DONE, f"{LARGE_INSTANCE_BYTES}.dcm"),
-        (FREE, "1000.dcm"),
-        (DONE, "1000.dcm"),
-        (FREE, "1000.dcm"),
-        (DONE, "1000.dcm"),
-    ]
+    # Each small one is announced free before it is written; a large one only done.
+    messages = [(m[0], m[1]) for m in sent]
+    assert messages[0] == (DONE, "0.dcm")
+    assert messages[-1] == (DONE, "3.dcm")
+    for small in ("1.dcm", "2.dcm"):
+        assert messages.index((FREE, small)) < messages.index((DONE, small))
+    assert len(messages) == 6
