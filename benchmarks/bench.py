@@ -160,6 +160,8 @@ def sender_commands(
 class RunFailed(Exception):
     """A run that produced no valid measurement (the reason is shown in the table)."""
 
+    sender_log = ""  # the senders' last stderr lines, when they ran
+
 
 class Senders:
     """Sender processes, each with a thread that records when it exited.
@@ -204,6 +206,14 @@ class Senders:
 
     def stdout(self) -> list[str]:
         return [out.read_text(errors="replace") for out, _ in self.outputs]
+
+    def stderr_tail(self, lines: int = 5) -> str:
+        """The last lines each sender wrote to stderr, for a failed run's report."""
+        tails = []
+        for i, (_, err) in enumerate(self.outputs):
+            text = err.read_text(errors="replace").strip().splitlines()[-lines:]
+            tails += [f"sender {i}: {line}" for line in text]
+        return "\n".join(tails)
 
 
 def exit_text(returncode: int) -> str:
@@ -261,7 +271,11 @@ def timed_send(v: Variant, rx: Receiver, files: list[Path], baseline: int, m: Me
     with procstat.PeakMemory([rx.pid]) as mem:
         t0 = time.perf_counter()
         senders = Senders(sender_commands(v, rx, files), rx.workdir, "sender")
-        t_end = wait_run(rx, senders, baseline + len(files), t0 + timeout)
+        try:
+            t_end = wait_run(rx, senders, baseline + len(files), t0 + timeout)
+        except RunFailed as exc:
+            exc.sender_log = senders.stderr_tail()
+            raise
         m.cpu_s = procstat.tree_cpu([rx.pid]) - cpu_before
     m.peak_rss = mem.peak
     m.elapsed = t_end - t0
@@ -284,6 +298,7 @@ def measure(v: Variant, workdir: Path, files: list[Path], warmup: list[Path]) ->
         bytes_warmup=sum(f.stat().st_size for f in warmup),
     )
     rx = v.make(workdir)
+    sender_log = ""
     try:
         rx.start()
         baseline = warm_up(v, rx, warmup)
@@ -292,12 +307,13 @@ def measure(v: Variant, workdir: Path, files: list[Path], warmup: list[Path]) ->
         m.out_syntax = output_syntax(rx.sample_output())
     except RunFailed as exc:
         m.error = str(exc)
+        sender_log = exc.sender_log
     except Exception as exc:  # one broken variant must not end the whole run
         m.error = f"{type(exc).__name__}: {exc}"
     finally:
         rx.stop()
         if m.error:
-            m.detail = rx.log_tail()
+            m.detail = "\n".join(filter(None, [rx.log_tail(), sender_log]))
     return m
 
 

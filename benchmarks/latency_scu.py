@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import socket
 import sys
 import time
@@ -68,6 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--aec", required=True)
     parser.add_argument("files", nargs="+", type=Path)
     args = parser.parse_args(argv)
+    # pynetdicom's errors (a DIMSE timeout, an abort) to stderr: the benchmark shows
+    # a failed run's last lines.
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     result = send(args.host, args.port, args.aet, args.aec, args.files)
     json.dump(result, sys.stdout)
     return 1 if result["failures"] else 0
