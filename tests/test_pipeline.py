@@ -17,7 +17,7 @@ from pydicom.filewriter import write_dataset
 from node.config import Config, load_config
 from node.pipeline import MAX_CRASHES, WORKER_MAIN, Pipeline, WorkerStartError
 from node.spool import Arrival, Spool
-from node.workers import DONE, FREE, LARGE_INSTANCE_BYTES, Outcome, Prepared, _Writer
+from node.workers import DONE, FREE, LARGE_INSTANCE_BYTES, Outcome, Prepared, Task, _Writer
 from tests import images
 from tests.conftest import default_config, free_port
 from tests.crash_task import POISON, crash_on_poison, crash_on_poison_write_slowly
@@ -51,27 +51,41 @@ def _config_and_spool(tmp_path, workers: int) -> tuple[Config, Spool]:
     return config, spool
 
 
+def _route_all(config: Config, spool: Spool, task: Task) -> list[Outcome]:
+    """Start a pipeline on what is in incoming/, wait until it is done; the outcomes."""
+    routed: list[Outcome] = []
+    pipeline = Pipeline(config, spool, on_outcome=routed.append, task=task)
+    try:
+        pipeline.start()
+        assert pipeline.wait_idle(timeout=120)
+    finally:
+        pipeline.stop()
+    return routed
+
+
+def _assert_only_the_poison_is_quarantined(spool: Spool) -> None:
+    quarantined = list(spool.quarantine.glob("*.dcm"))
+    assert len(quarantined) == 1
+    assert POISON in quarantined[0].read_bytes()
+    reason = quarantined[0].with_suffix(".txt").read_text()
+    assert f"died {MAX_CRASHES} times on it (exit code 70)" in reason
+
+
+def _archived_uids(tmp_path: Path) -> set[str]:
+    return {pydicom.dcmread(f).SOPInstanceUID for f in (tmp_path / "archive").rglob("*.dcm")}
+
+
 def test_only_the_instance_that_kills_workers_is_quarantined(tmp_path) -> None:
     config, spool = _config_and_spool(tmp_path, workers=2)
     # The poison first: it kills its worker at once, while a good one is in the other
     # worker, and again each time it is retried.
     poison = _accept(spool, 99, POISON.decode())
     good = [_accept(spool, seed, f"GOOD{seed}") for seed in range(3)]
-    routed = []
-    pipeline = Pipeline(config, spool, on_outcome=routed.append, task=crash_on_poison)
-    try:
-        pipeline.start()  # picks up what is in incoming/
-        assert pipeline.wait_idle(timeout=120)
-    finally:
-        pipeline.stop()
-    # A worker holds one instance at a time, so a death counts against that one only.
-    quarantined = list(spool.quarantine.glob("*.dcm"))
-    assert len(quarantined) == 1
-    assert POISON in quarantined[0].read_bytes()
-    reason = quarantined[0].with_suffix(".txt").read_text()
-    assert f"died {MAX_CRASHES} times on it (exit code 70)" in reason
+    routed = _route_all(config, spool, crash_on_poison)
+    # A worker compresses one instance at a time, so a death counts against that one.
+    _assert_only_the_poison_is_quarantined(spool)
     # Every good one is archived (so the workers that died were replaced).
-    archived = {pydicom.dcmread(f).SOPInstanceUID for f in (tmp_path / "archive").rglob("*.dcm")}
+    archived = _archived_uids(tmp_path)
     assert archived == set(good)
     assert poison not in archived
     assert not list(spool.incoming.glob("*.dcm"))
@@ -86,21 +100,11 @@ def test_a_worker_that_dies_while_writing_one_instance_blames_the_one_it_compres
     # kills the worker while the good one is being written; three times over.
     good = _accept(spool, 1, "GOOD")
     poison = _accept(spool, 99, POISON.decode())
-    routed = []
-    pipeline = Pipeline(config, spool, on_outcome=routed.append, task=crash_on_poison_write_slowly)
-    try:
-        pipeline.start()
-        assert pipeline.wait_idle(timeout=120)
-    finally:
-        pipeline.stop()
-    quarantined = list(spool.quarantine.glob("*.dcm"))
-    assert len(quarantined) == 1
-    assert POISON in quarantined[0].read_bytes()
-    reason = quarantined[0].with_suffix(".txt").read_text()
-    assert f"died {MAX_CRASHES} times on it (exit code 70)" in reason
+    routed = _route_all(config, spool, crash_on_poison_write_slowly)
+    _assert_only_the_poison_is_quarantined(spool)
     # The good one was in the writer at each death: done again, never blamed.
     assert caplog.text.count("is handled again: its worker died while writing it") == MAX_CRASHES
-    archived = {pydicom.dcmread(f).SOPInstanceUID for f in (tmp_path / "archive").rglob("*.dcm")}
+    archived = _archived_uids(tmp_path)
     assert archived == {good}
     assert poison not in archived
     assert [o.status for o in routed] == ["delivered"]
