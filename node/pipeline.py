@@ -4,8 +4,8 @@ The receive handler calls :meth:`Pipeline.submit` after an instance is durable; 
 dispatcher thread hands each instance to a free worker through that worker's own
 socket, and logs each outcome. A worker holds a few instances at once: the one it
 compresses, the next one (sent ahead, so that it need not ask), and up to two before
-them that its writer threads write out (see :class:`node.workers.Prepared`). Nothing here decodes pixels: that happens in
-:mod:`node.workers`, in other processes.
+them that its writer threads write out (see :class:`node.workers.Prepared`). Nothing
+here decodes pixels: that happens in :mod:`node.workers`, in other processes.
 
 Why not :class:`concurrent.futures.ProcessPoolExecutor`: its queues, locks and helper
 threads cost 0.25-0.36 ms of CPU per task in this process, one task at a time, taken
@@ -244,18 +244,17 @@ class Pipeline:
 
         Every worker gets one to compress before any gets one queued behind it.
         """
-        handed = []
-        for slot in ("compressing", "queued"):
-            for worker in self._workers:
-                if not self._pending or self._stopping:
-                    return handed
-                if worker.compressing is None or (slot == "queued" and worker.queued is None):
-                    path = self._pending.popleft()
-                    if worker.compressing is None:
-                        worker.compressing = path
-                    else:
-                        worker.queued = path
-                    handed.append((worker, path))
+        handed: list[tuple[_Worker, Path]] = []
+        if self._stopping:
+            return handed
+        for worker in self._workers:
+            if worker.compressing is None and self._pending:
+                worker.compressing = self._pending.popleft()
+                handed.append((worker, worker.compressing))
+        for worker in self._workers:
+            if worker.compressing is not None and worker.queued is None and self._pending:
+                worker.queued = self._pending.popleft()
+                handed.append((worker, worker.queued))
         return handed
 
     def _send(self, worker: _Worker, path: Path) -> None:
