@@ -10,6 +10,7 @@ import logging
 import socket
 import socketserver
 import ssl
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -36,7 +37,7 @@ from node.dataphase import StoreTarget
 from node.errors import StartupError
 from node.metrics import Metrics
 from node.rules import in_networks
-from node.spool import Arrival, Spool
+from node.spool import LONG_LENGTH_VRS, Arrival, Spool
 from node.statuses import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, PROCESSING_FAILURE, SUCCESS
 
 log = logging.getLogger("dicom_node.scp")
@@ -67,6 +68,12 @@ IMPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2"
 EXPLICIT_VR_BIG_ENDIAN = "1.2.840.10008.1.2.2"
 DEFLATED = "1.2.840.10008.1.2.1.99"
 SOP_INSTANCE_UID = 0x00080018
+UNDEFINED_LENGTH = 0xFFFFFFFF
+# Explicit VR little endian element headers (PS3.5 7.1.2): 2-byte or 4-byte lengths.
+_SHORT_LENGTH_VRS = frozenset(
+    b"AE AS AT CS DA DS DT FL FD IS LO LT PN SH SL SS ST TM UI UL US".split()
+)
+_LONG_LENGTH_VRS = frozenset(vr.encode() for vr in LONG_LENGTH_VRS)
 DUL_POLL_SECONDS = 0.0002
 CALLING_AE_NOT_RECOGNISED = 0x03
 CALLED_AE_NOT_RECOGNISED = 0x07
@@ -460,13 +467,15 @@ def store_durably(event: Event, data: bytes, spool: Spool, submit: Submit) -> in
 def header_problem(data: bytes, transfer_syntax: str) -> str | None:
     """Why the data set's header is unreadable, or None; reads up to SOP Instance UID only.
 
-    About 0.1 ms per instance: enough to refuse garbage before acknowledging it,
-    without decoding the data set (the workers do that).
+    Enough to refuse garbage before acknowledging it, without decoding the data set
+    (the workers do that); the usual case takes the plain walk below.
     """
     if transfer_syntax == DEFLATED:
         return None  # the workers inflate it; a broken one is quarantined with a reason
     implicit = transfer_syntax == IMPLICIT_VR_LITTLE_ENDIAN
     little = transfer_syntax != EXPLICIT_VR_BIG_ENDIAN
+    if little and plainly_has_sop_instance_uid(data, implicit):
+        return None
     try:
         header = read_dataset(
             BytesIO(data),
@@ -480,6 +489,38 @@ def header_problem(data: bytes, transfer_syntax: str) -> str | None:
     if not uid:
         return "data set has no SOP Instance UID"
     return None
+
+
+def plainly_has_sop_instance_uid(data: bytes, implicit: bool) -> bool:
+    """True if a little endian data set holds a non-empty SOP Instance UID, found by
+    walking plain element headers; False means "ask pydicom", not "broken".
+
+    The common case in 2 µs instead of pydicom's 42-46 µs (100 CT headers), on the
+    thread that answers C-STOREs. Anything unusual (an undefined length, an unknown VR, elements
+    out of order) is left to :func:`header_problem`'s pydicom path.
+    """
+    offset, end = 0, len(data)
+    while offset + 8 <= end:
+        group, element = struct.unpack_from("<HH", data, offset)
+        tag = group << 16 | element
+        if implicit:
+            (length,) = struct.unpack_from("<L", data, offset + 4)
+            offset += 8
+        elif (vr := data[offset + 4 : offset + 6]) in _SHORT_LENGTH_VRS:
+            (length,) = struct.unpack_from("<H", data, offset + 6)
+            offset += 8
+        elif vr in _LONG_LENGTH_VRS and offset + 12 <= end:
+            (length,) = struct.unpack_from("<L", data, offset + 8)
+            offset += 12
+        else:
+            return False
+        if length == UNDEFINED_LENGTH:
+            return False
+        if tag >= SOP_INSTANCE_UID:
+            value = data[offset : offset + length]
+            return tag == SOP_INSTANCE_UID and len(value) == length and bool(value.strip(b"\0 "))
+        offset += length
+    return False
 
 
 def _status(code: int, comment: str) -> Dataset:

@@ -23,12 +23,14 @@ from pydicom.filewriter import write_dataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from node.dataphase import (
+    HEADER_PREFIX,
     ProtocolError,
     _Instance,
     parse_command,
     pdata_pdus,
     store_response,
 )
+from node.scp import header_problem, plainly_has_sop_instance_uid
 from tests import images
 from tests.conftest import default_config, free_port, storescu
 from tests.test_hostile import CT_IMAGE_STORAGE, a_associate_rq, echo_ok
@@ -305,3 +307,56 @@ def test_the_receiving_process_streams_a_300_mb_instance_to_disk(nodes, tmp_path
     grown = _peak_rss_mb(node.proc.pid) - before
     # pynetdicom's own path held the data set whole, and a copy of it: 600 MB.
     assert grown < 64, f"the receiving process grew by {grown:.0f} MB"
+
+
+# ------------------------------------------------------------ header check fast path
+
+_MAKERS = [
+    images.make_ct,
+    images.make_mr,
+    images.make_rgb,
+    images.make_multiframe,
+    images.make_sr,
+    images.make_signed16,
+    images.make_one_bit,
+    images.make_uint32,
+]
+
+
+@pytest.mark.parametrize("make", _MAKERS, ids=lambda f: f.__name__)
+@pytest.mark.parametrize("implicit", [False, True], ids=["explicit", "implicit"])
+def test_the_header_check_fast_path_agrees_with_pydicom(make, implicit: bool) -> None:
+    ds = make()
+    data = (implicit_le if implicit else explicit_le)(ds)[:HEADER_PREFIX]
+    syntax = "1.2.840.10008.1.2" if implicit else "1.2.840.10008.1.2.1"
+    assert plainly_has_sop_instance_uid(data, implicit)
+    assert header_problem(data, syntax) is None
+    # What the fast path does not take, pydicom still judges.
+    del ds.SOPInstanceUID
+    data = (implicit_le if implicit else explicit_le)(ds)[:HEADER_PREFIX]
+    assert not plainly_has_sop_instance_uid(data, implicit)
+    assert header_problem(data, syntax) == "data set has no SOP Instance UID"
+
+
+def _element(group: int, element: int, vr: bytes, value: bytes) -> bytes:
+    if vr in (b"SQ", b"UN", b"OB"):
+        return struct.pack("<HH2sHL", group, element, vr, 0, len(value)) + value
+    return struct.pack("<HH2sH", group, element, vr, len(value)) + value
+
+
+def test_the_header_check_fast_path_declines_what_it_cannot_read_plainly() -> None:
+    uid = _element(0x0008, 0x0018, b"UI", b"1.2.3.4\x00")
+    # A sequence of undefined length before the UID: pydicom's path reads it.
+    item = struct.pack("<HHL", 0xFFFE, 0xE000, 0xFFFFFFFF) + _element(0x0008, 0x0100, b"SH", b"X ")
+    item += struct.pack("<HHL", 0xFFFE, 0xE00D, 0)
+    sequence = struct.pack("<HH2sHL", 0x0008, 0x0006, b"SQ", 0, 0xFFFFFFFF) + item
+    sequence += struct.pack("<HHL", 0xFFFE, 0xE0DD, 0)
+    data = sequence + uid
+    assert not plainly_has_sop_instance_uid(data, implicit=False)
+    assert header_problem(data, "1.2.840.10008.1.2.1") is None
+    # An empty UID, an unknown VR, garbage, a cut-off value: never "plainly there".
+    assert not plainly_has_sop_instance_uid(_element(0x0008, 0x0018, b"UI", b"  "), False)
+    assert not plainly_has_sop_instance_uid(_element(0x0008, 0x0016, b"ZZ", b"12") + uid, False)
+    assert not plainly_has_sop_instance_uid(b"\xff" * 64, False)
+    assert not plainly_has_sop_instance_uid(uid[:-3], False)
+    assert header_problem(b"\xff" * 64, "1.2.840.10008.1.2.1") == "data set has no SOP Instance UID"
