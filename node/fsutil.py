@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from collections.abc import Iterable
@@ -91,19 +92,28 @@ def link_or_copy_durably(src: Path, dst: Path) -> None:
     fsync_dir(dst.parent)
 
 
+# A worker's writer threads create directories at once. One at a time, so that no
+# thread finds a directory whose entry another thread has not fsync'ed yet.
+_CREATING_DIRECTORIES = threading.Lock()
+
+
 def makedirs_durably(path: Path) -> None:
-    """Create ``path`` and its parents, fsync'ing each new entry's parent."""
-    missing: list[Path] = []
-    p = path
-    while not p.exists():
-        missing.append(p)
-        p = p.parent
-    for d in reversed(missing):
-        try:
-            d.mkdir()
-        except FileExistsError:
-            continue
-        fsync_dir(d.parent)
+    """Create ``path`` and its parents, fsync'ing each new entry's parent.
+
+    A directory that another process creates at the same moment (FileExistsError)
+    gets its parent fsync'ed here too: what the caller writes into it next must not
+    depend on the other process having got that far.
+    """
+    with _CREATING_DIRECTORIES:
+        missing: list[Path] = []
+        p = path
+        while not p.exists():
+            missing.append(p)
+            p = p.parent
+        for d in reversed(missing):
+            with contextlib.suppress(FileExistsError):
+                d.mkdir()
+            fsync_dir(d.parent)
 
 
 def _tmp_name(path: Path) -> Path:
