@@ -307,12 +307,6 @@ def _exit_when_orphaned(parent_pid: int) -> None:
     os._exit(1)
 
 
-def process_incoming(config: Config, path_text: str) -> Outcome:
-    """Route one file of ``incoming/``; remove it once every destination has it."""
-    result = prepare_incoming(config, path_text)
-    return result.finish() if isinstance(result, Prepared) else result
-
-
 def prepare_incoming(config: Config, path_text: str) -> Outcome | Prepared:
     """Read, route and compress one file of ``incoming/``; what is left is writing it.
 
