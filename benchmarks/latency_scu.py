@@ -20,6 +20,8 @@ from pathlib import Path
 from pydicom import dcmread
 from pynetdicom import AE
 
+from node.destinations.dicom import keep_responses_from_the_reactor
+
 
 def presentation_contexts(files: list[Path]) -> set[tuple[str, str]]:
     """(SOP class, transfer syntax) pairs the files need."""
@@ -39,6 +41,9 @@ def send(host: str, port: int, aet: str, aec: str, files: list[Path]) -> dict[st
     if not assoc.is_established:
         raise SystemExit(f"association with {aec}@{host}:{port} failed")
     assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    # pynetdicom's reactor can take a response meant for send_c_store: a 60 s stall
+    # in two of five full benchmark runs before this guard (see its docstring).
+    keep_responses_from_the_reactor(assoc)
     latencies, failures = [], 0
     started = time.perf_counter()
     try:

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,11 +20,11 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.dataset import Dataset
-from pynetdicom import AE, evt
+from pynetdicom import AE, build_context, evt
 from pynetdicom.sop_class import MRImageStorage
 
 from node.config import DicomDestination, RetryPolicy
-from node.destinations.dicom import DicomRunner, judge
+from node.destinations.dicom import DicomRunner, associate, judge, new_ae
 from node.outbox import Failure, ItemState, Outbox, backoff
 from node.spool import Spool
 from tests import images
@@ -258,6 +260,60 @@ def test_fan_out_to_orthanc_and_folder_bit_exact(nodes, orthanc: Orthanc, tmp_pa
     assert "pacs (dicom" in shown.stdout and "0 pending, 0 retrying, 0 failed" in shown.stdout
     echoed = cli("echo", "pacs", "--config", str(node.config))
     assert echoed.returncode == 0 and "JPEG-LS Lossless" in echoed.stdout, echoed.stderr
+
+
+def test_a_response_the_reactor_takes_goes_back_to_the_waiting_sender(
+    storescps: list[StoreSCP], tmp_path: Path
+) -> None:
+    """pynetdicom's reactor can take a C-STORE response meant for send_c_store (a race
+    seen in the benchmarks: a 60 s stall, then an abort); the node's associations put
+    it back. The race is forced here: the reactor stalls just after passing its pause
+    checkpoint, the sender is slow to wake up for its response."""
+    scp = start_storescp(storescps, tmp_path / "scp", free_port())
+    dest = DicomDestination(
+        name="pacs", host="127.0.0.1", port=scp.port, ae_title="STORESCP",
+        calling_ae_title="NODE", timeout=5.0,
+    )  # fmt: skip
+    ds = images.make_ct(rows=16, cols=16, seed=91)
+    context = build_context(ds.SOPClassUID, ["1.2.840.10008.1.2.1"])
+    assoc = associate(new_ae(dest), dest, [context])
+    taken_by_reactor: list[int] = []
+
+    class StallingCheckpoint(threading.Event):
+        def wait(self, timeout: float | None = None) -> bool:
+            passed_while_set = self.is_set()
+            result = super().wait(timeout)
+            if passed_while_set and threading.current_thread() is assoc:
+                time.sleep(0.1)  # descheduled before it marks itself unpaused
+            return result
+
+    class SlowWakingQueue(queue.Queue):
+        def get(self, block: bool = True, timeout: float | None = None):  # type: ignore[override]
+            if block and threading.current_thread() is not assoc:
+                time.sleep(0.3)  # the sender: its response arrives meanwhile
+            return super().get(block, timeout)
+
+        def put(self, item, block: bool = True, timeout: float | None = None) -> None:  # type: ignore[override]
+            if threading.current_thread() is assoc:
+                taken_by_reactor.append(1)
+            super().put(item, block, timeout)
+
+    checkpoint = StallingCheckpoint()
+    checkpoint.set()
+    assoc.dimse.msg_queue = SlowWakingQueue()
+    assoc._reactor_checkpoint = checkpoint
+    try:
+        statuses = []
+        for _ in range(3):
+            time.sleep(0.005)  # the reactor passes its checkpoint between requests
+            statuses.append(getattr(assoc.send_c_store(ds), "Status", None))
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    assert statuses == [0x0000] * 3
+    assert taken_by_reactor, "the race was not forced: the reactor never took a response"
+    scp_files = scp.files()
+    assert len(scp_files) == 1 and pydicom.dcmread(scp_files[0]).SOPInstanceUID == ds.SOPInstanceUID
 
 
 def test_uncompressed_only_peer_gets_decompressed_or_failed(

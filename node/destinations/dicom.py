@@ -167,6 +167,31 @@ def _no_delay(event: Event) -> None:
         sock.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
+def keep_responses_from_the_reactor(assoc: Association) -> None:
+    """Guard a requestor's association against a pynetdicom race that loses a response.
+
+    pynetdicom 3.0's reactor thread takes requests from the peer off the DIMSE queue;
+    ``send_c_store`` and the other ``send_*`` pause it (clear a checkpoint, wait until
+    it says paused) and then wait on the same queue for their response. A reactor that
+    has just passed the checkpoint when the pause starts can still take the response:
+    it logs "Received unexpected C-STORE service message" and drops it, and the sender
+    waits out the DIMSE timeout, then aborts the association. The benchmark's timed
+    pynetdicom sender hit this twice in about 18,000 C-STOREs (a 60 s stall each).
+    Here a response the reactor takes while a request is waiting for it (checkpoint
+    cleared) goes back on the queue. Private pynetdicom API, like ``Handover`` in
+    :mod:`node.dataphase`: one reason pynetdicom is pinned below 3.1.
+    """
+    serve_request = assoc._serve_request
+
+    def serve_or_put_back(msg: Any, context_id: int) -> None:
+        if not msg.is_valid_request and not assoc._reactor_checkpoint.is_set():
+            assoc.dimse.msg_queue.put((context_id, msg))
+            return
+        serve_request(msg, context_id)
+
+    assoc._serve_request = serve_or_put_back  # type: ignore[method-assign]
+
+
 def client_tls_context(tls: ClientTls) -> ssl.SSLContext:
     """TLS 1.2 or newer (PS3.15 B.9); the peer's certificate must be signed by ``tls.ca``."""
     context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(tls.ca))
@@ -209,6 +234,7 @@ def associate(
         tls_args=(client_tls_context(dest.tls), dest.host) if dest.tls else None,
     )
     if assoc.is_established:
+        keep_responses_from_the_reactor(assoc)
         return assoc
     where = f"{dest.ae_title}@{dest.host}:{dest.port}"
     if not connected.is_set():
