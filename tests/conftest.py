@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -30,6 +31,17 @@ def dcmtk(tool: str) -> str:
             f"DCMTK's {tool} is not installed at {path}: run .ci/run or apt-get install dcmtk"
         )
     return str(path)
+
+
+def guarded(assoc: Any) -> Any:
+    """A test's own pynetdicom association, guarded like the node's (see
+    ``keep_responses_from_the_reactor``): pynetdicom's reactor can take a C-STORE
+    response from a waiting ``send_*``, which then waits out its DIMSE timeout."""
+    from node.destinations.dicom import keep_responses_from_the_reactor
+
+    if assoc.is_established:
+        keep_responses_from_the_reactor(assoc)
+    return assoc
 
 
 def free_port() -> int:

@@ -17,7 +17,7 @@ from pynetdicom.sop_class import MRImageStorage, StorageCommitmentPushModel
 
 from node.destinations.commitment import PUSH_MODEL_INSTANCE, Commitments, Reference
 from tests import images
-from tests.conftest import free_port, storescu
+from tests.conftest import free_port, guarded, storescu
 from tests.orthanc import Orthanc, start_orthanc
 from tests.test_forward import dicom_destination, outbox_files, write_all
 
@@ -141,11 +141,13 @@ class CommitPeer:
         ds.ReferencedSOPSequence = [_ref(c, i) for c, i in ok]
         if bad:
             ds.FailedSOPSequence = [_ref(c, i, 0x0112) for c, i in bad]
-        assoc = self.ae.associate(
-            "127.0.0.1",
-            self.node_port,
-            ae_title="TEST-NODE",
-            ext_neg=[build_role(StorageCommitmentPushModel, scp_role=True)],
+        assoc = guarded(
+            self.ae.associate(
+                "127.0.0.1",
+                self.node_port,
+                ae_title="TEST-NODE",
+                ext_neg=[build_role(StorageCommitmentPushModel, scp_role=True)],
+            )
         )
         assert assoc.is_established
         status, _ = assoc.send_n_event_report(

@@ -25,7 +25,7 @@ from pynetdicom.dsutils import split_dataset
 from pynetdicom.sop_class import Verification
 
 from tests import images
-from tests.conftest import RunningNode, storescu
+from tests.conftest import RunningNode, guarded, storescu
 
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
@@ -40,7 +40,7 @@ FUZZ = settings(
 def echo_ok(port: int) -> bool:
     ae = AE(ae_title="PROBE")
     ae.add_requested_context(Verification)
-    assoc = ae.associate("127.0.0.1", port, ae_title="TEST-NODE")
+    assoc = guarded(ae.associate("127.0.0.1", port, ae_title="TEST-NODE"))
     if not assoc.is_established:
         return False
     ok = assoc.send_c_echo().Status == 0x0000
@@ -97,7 +97,7 @@ class GoodSender(threading.Thread):
     def run(self) -> None:
         ae = AE(ae_title="GOOD_CT")
         ae.add_requested_context(CT_IMAGE_STORAGE, EXPLICIT_LE)
-        assoc = ae.associate("127.0.0.1", self.port, ae_title="TEST-NODE")
+        assoc = guarded(ae.associate("127.0.0.1", self.port, ae_title="TEST-NODE"))
         seed = 1000
         while not self.stop.is_set() and assoc.is_established:
             ds = images.make_ct(rows=32, cols=32, seed=seed)
@@ -205,7 +205,7 @@ def test_corrupt_data_sets_get_a_status_or_a_reasoned_quarantine(
     monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)  # send bytes as they are
     ae = AE(ae_title="BROKEN_CT")
     ae.add_requested_context(CT_IMAGE_STORAGE, EXPLICIT_LE)
-    assoc = ae.associate("127.0.0.1", node.port, ae_title="TEST-NODE")
+    assoc = guarded(ae.associate("127.0.0.1", node.port, ae_title="TEST-NODE"))
     assert assoc.is_established
     statuses: list[int] = []
 
@@ -225,7 +225,7 @@ def test_corrupt_data_sets_get_a_status_or_a_reasoned_quarantine(
         bad = tmp_path / "bad.dcm"
         bad.write_bytes(raw[:meta_end] + mutate(raw[meta_end:], rng, how))
         if not assoc.is_established:  # a broken P-DATA stream may end an association
-            assoc = ae.associate("127.0.0.1", node.port, ae_title="TEST-NODE")
+            assoc = guarded(ae.associate("127.0.0.1", node.port, ae_title="TEST-NODE"))
         status = assoc.send_c_store(bad)
         statuses.append(int(status.Status) if "Status" in status else -1)
         assert node.proc.poll() is None, node.log_text()
@@ -301,7 +301,7 @@ def test_full_disk_answers_out_of_resources_and_loses_nothing(nodes, tmp_path, t
         os.kill(pid, signal.SIGSTOP)
     ae = AE(ae_title="MODALITY")
     ae.add_requested_context(CT_IMAGE_STORAGE, EXPLICIT_LE)
-    assoc = ae.associate("127.0.0.1", port, ae_title="TEST-NODE")
+    assoc = guarded(ae.associate("127.0.0.1", port, ae_title="TEST-NODE"))
     acknowledged, refused = [], []
     for seed in range(40):  # 40 x 128 KiB > 4 MiB
         ds = images.make_ct(rows=256, cols=256, seed=seed)

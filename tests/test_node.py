@@ -16,7 +16,7 @@ from pydicom.data import get_testdata_file
 from pynetdicom import AE
 
 from tests import images
-from tests.conftest import dcmtk, storescu
+from tests.conftest import dcmtk, guarded, storescu
 
 JPEG_LS_LOSSLESS = "1.2.840.10008.1.2.4.80"
 RLE_LOSSLESS = "1.2.840.10008.1.2.5"
@@ -110,7 +110,7 @@ def test_pynetdicom_sender_gets_success_and_rules_route_by_calling_ae(nodes) -> 
     for calling, ds in (("CT_SCANNER1", ct_a), ("WORKSTATION", ct_b)):
         ae = AE(ae_title=calling)
         ae.add_requested_context(ds.SOPClassUID, EXPLICIT_LE)
-        assoc = ae.associate("127.0.0.1", node.port, ae_title="TEST-NODE")
+        assoc = guarded(ae.associate("127.0.0.1", node.port, ae_title="TEST-NODE"))
         assert assoc.is_established
         status = assoc.send_c_store(ds)
         assoc.release()
@@ -227,7 +227,7 @@ def test_spool_write_failure_answers_out_of_resources(nodes, tmp_path) -> None:
     ds = images.make_ct(rows=32, cols=32, seed=5)
     ae = AE(ae_title="MODALITY")
     ae.add_requested_context(ds.SOPClassUID, EXPLICIT_LE)
-    assoc = ae.associate("127.0.0.1", node.port, ae_title="TEST-NODE")
+    assoc = guarded(ae.associate("127.0.0.1", node.port, ae_title="TEST-NODE"))
     status = assoc.send_c_store(ds)
     assert status.Status == 0xA700
     hidden.rename(incoming)

@@ -14,7 +14,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
 from tests import images
-from tests.conftest import dcmtk, default_config, free_port, storescu, wait_for_port
+from tests.conftest import dcmtk, default_config, free_port, guarded, storescu, wait_for_port
 
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
 
@@ -28,7 +28,7 @@ def echo(port: int, calling: str, called: str = "TEST-NODE", tls: ssl.SSLContext
     ae = AE(ae_title=calling)
     ae.add_requested_context(Verification)
     kwargs = {"tls_args": (tls, "127.0.0.1")} if tls else {}
-    return ae.associate("127.0.0.1", port, ae_title=called, **kwargs)
+    return guarded(ae.associate("127.0.0.1", port, ae_title=called, **kwargs))
 
 
 def rejection(assoc) -> tuple[int, int, int]:
@@ -170,8 +170,8 @@ def test_tls_port_requires_a_client_certificate(nodes, tmp_path) -> None:
     ds = images.make_ct(rows=32, cols=32, seed=21)
     ae = AE(ae_title="TLS_SCU")
     ae.add_requested_context(ds.SOPClassUID, EXPLICIT_LE)
-    assoc = ae.associate(
-        "127.0.0.1", tls_port, ae_title="TEST-NODE", tls_args=(client, "127.0.0.1")
+    assoc = guarded(
+        ae.associate("127.0.0.1", tls_port, ae_title="TEST-NODE", tls_args=(client, "127.0.0.1"))
     )
     assert assoc.is_established
     assert assoc.send_c_store(ds).Status == 0x0000
