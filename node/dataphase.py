@@ -33,6 +33,7 @@ from pynetdicom import evt
 from pynetdicom.events import Event
 from pynetdicom.sop_class import Verification
 
+from node.admission import DEFLATED, EXPLICIT_VR_LITTLE_ENDIAN, Inflater, Refusal, command_refusal
 from node.fsutil import DurableFile
 from node.spool import Arrival, Spool
 from node.statuses import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, SUCCESS
@@ -74,8 +75,9 @@ HEADER_PREFIX = 64 * 1024
 
 # (status, error comment or None) for one instance.
 Outcome = tuple[int, str | None]
-# Validates the start of a data set: why it is unreadable, or None.
-HeaderCheck = Callable[[bytes, str], str | None]
+# Judges the start of a data set (bytes, transfer syntax, the command's SOP Class and
+# Instance UID): the refusal, or None (node.admission.dataset_refusal).
+HeaderCheck = Callable[[bytes, str, str, str], Refusal | None]
 
 
 class ProtocolError(Exception):
@@ -176,6 +178,8 @@ class _Instance:
     prefix: bytearray = field(default_factory=bytearray)
     checked: bool = False
     size: int = 0
+    # A deflated data set is inflated as it arrives, to bound and check it.
+    inflater: Inflater | None = None
     # Set when something failed; Success is only ever set by _make_durable.
     outcome: Outcome | None = None
 
@@ -336,12 +340,15 @@ class DataPhase:
             instance.outcome = (CANNOT_UNDERSTAND, "C-STORE request without a data set")
             self._finish(context_id, instance)
             return
-        if not sop_instance or not sop_class:
-            instance.outcome = (
-                CANNOT_UNDERSTAND,
-                "C-STORE request without Affected SOP Class/Instance UID",
-            )
+        refusal = command_refusal(
+            fields.get(AFFECTED_SOP_CLASS, b""), fields.get(AFFECTED_SOP_INSTANCE, b"")
+        )
+        if refusal is not None:
+            log.warning("refused an instance from %s: %s", self.peer(), refusal.comment)
+            instance.outcome = (refusal.status, refusal.comment)
         else:
+            if instance.transfer_syntax == DEFLATED:
+                instance.inflater = Inflater(self.target.max_dataset_size(), HEADER_PREFIX)
             try:
                 arrival = Arrival.on(self.assoc, sop_class, sop_instance, instance.transfer_syntax)
                 ahead, self._ahead = self._ahead, None
@@ -362,24 +369,43 @@ class DataPhase:
                 SERVICE_USER,
                 REASON_NOT_SPECIFIED,
             )
-        if instance.file is not None:
-            if not instance.checked:
-                instance.prefix += fragment[: HEADER_PREFIX - len(instance.prefix)]
-                if last or len(instance.prefix) >= HEADER_PREFIX:
-                    self._check_header(instance)
-            self._write(instance, fragment)
+        if instance.file is not None and instance.inflater is not None:
+            self._inflate(instance, fragment, last)
+        elif instance.file is not None and not instance.checked:
+            instance.prefix += fragment[: HEADER_PREFIX - len(instance.prefix)]
+            if last or len(instance.prefix) >= HEADER_PREFIX:
+                self._check_header(instance, bytes(instance.prefix), instance.transfer_syntax)
+        self._write(instance, fragment)
         if last:
             self._instance = None
             self._finish(context_id, instance)
 
-    def _check_header(self, instance: _Instance) -> None:
+    def _check_header(self, instance: _Instance, prefix: bytes, transfer_syntax: str) -> None:
         instance.checked = True
-        problem = self.target.header_problem(bytes(instance.prefix), instance.transfer_syntax)
         instance.prefix = bytearray()
-        if problem:
-            log.warning("refused an instance from %s: %s", self.peer(), problem)
-            instance.outcome = (CANNOT_UNDERSTAND, problem)
-            self._discard(instance)
+        refusal = self.target.header_problem(
+            prefix, transfer_syntax, instance.sop_class, instance.sop_instance
+        )
+        if refusal is not None:
+            self._refuse(instance, refusal)
+
+    def _inflate(self, instance: _Instance, fragment: memoryview, last: bool) -> None:
+        """Inflate a deflated fragment to count its size and check its header."""
+        inflater = instance.inflater
+        assert inflater is not None
+        inflater.feed(fragment)
+        if not instance.checked and (last or len(inflater.prefix) >= HEADER_PREFIX):
+            self._check_header(instance, bytes(inflater.prefix), EXPLICIT_VR_LITTLE_ENDIAN)
+        problem = inflater.problem or (inflater.finish() if last else None)
+        if problem is not None and instance.file is not None:
+            self._refuse(instance, problem)
+        if instance.file is None:
+            instance.inflater = None  # refused: the rest is read and dropped
+
+    def _refuse(self, instance: _Instance, refusal: Refusal) -> None:
+        log.warning("refused an instance from %s: %s", self.peer(), refusal.comment)
+        instance.outcome = (refusal.status, refusal.comment)
+        self._discard(instance)
 
     def _write(self, instance: _Instance, fragment: memoryview) -> None:
         if instance.file is None:

@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import threading
 from collections.abc import Iterable
 from pathlib import Path
 
 TMP_SUFFIX = ".partial"
+# Errors that the same write will meet again however often it is retried: a name the
+# file system refuses (too long, bytes it does not take).
+PERMANENT_ERRNOS = frozenset({errno.ENAMETOOLONG, errno.EINVAL, errno.EILSEQ})
+
+
+def is_permanent(exc: OSError) -> bool:
+    """True if retrying the operation that raised ``exc`` cannot succeed."""
+    return exc.errno in PERMANENT_ERRNOS
 
 
 def fsync_dir(path: Path) -> None:

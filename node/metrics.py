@@ -99,6 +99,12 @@ class Metrics:
             "Deliveries that failed at first try and were queued",
             registry=r,
         )
+        self.protocol_errors = Counter(
+            "dicom_node_protocol_errors",
+            "Connections aborted because what the peer sent broke pynetdicom's reactor",
+            ["error"],
+            registry=r,
+        )
         r.register(_Depths(backlog, outboxes))
 
     def received(self, size: int, ok: bool, seconds: float) -> None:

@@ -33,12 +33,14 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_data_element, write_file_meta_info
 from pydicom.uid import UID
 
+from node.admission import Refusal, deflated_file_refusal
 from node.allocator import keep_large_buffers, release_free_memory
 from node.codecs import compress_dataset, passthrough
-from node.codecs.base import CompressResult
+from node.codecs.base import CompressResult, reraise_unless_codec_failure
 from node.config import Config, DicomDestination, FolderDestination, Rule
 from node.destinations import folder
-from node.fsutil import link_or_copy_durably, makedirs_durably, write_durably
+from node.fsutil import is_permanent, link_or_copy_durably, makedirs_durably, write_durably
+from node.outbox import Failure, ItemState, Outbox
 from node.rules import Origin, first_match
 from node.spool import (
     IMPLEMENTATION_CLASS_UID,
@@ -239,7 +241,8 @@ class _Writer:
 def _run(task: Task, config: Config, path_text: str) -> Reply | Prepared:
     try:
         result = task(config, path_text)
-    except Exception as exc:
+    except BaseException as exc:  # a Rust panic too: it costs one attempt, not the worker
+        reraise_unless_codec_failure(exc)
         return _error_reply(exc)
     return result if isinstance(result, Prepared) else Reply(outcome=result)
 
@@ -247,11 +250,12 @@ def _run(task: Task, config: Config, path_text: str) -> Reply | Prepared:
 def _finish(prepared: Prepared) -> Reply:
     try:
         return Reply(outcome=prepared.finish())
-    except Exception as exc:
+    except BaseException as exc:
+        reraise_unless_codec_failure(exc)
         return _error_reply(exc)
 
 
-def _error_reply(exc: Exception) -> Reply:
+def _error_reply(exc: BaseException) -> Reply:
     if isinstance(exc, OSError):  # disk full, I/O error: the instance is fine
         return Reply(error=str(exc), os_error=True)
     # A bug in our code: the node keeps the file and says so.
@@ -321,6 +325,12 @@ def prepare_incoming(config: Config, path_text: str) -> Outcome | Prepared:
         # Already handled (a crash between delivery and unlink, then a re-scan).
         outcome.status = "gone"
         return outcome
+    refusal = _deflate_refusal(path, config.node.max_dataset_size)
+    if refusal is not None:
+        reason = f"not read: {refusal.comment}"
+        spool.keep_aside(path, spool.quarantine, reason)
+        outcome.status, outcome.reason = "quarantined", reason
+        return outcome
     try:
         # Large values (Pixel Data) are read only if a codec asks for them.
         ds = pydicom.dcmread(path, defer_size=DEFER_BYTES)
@@ -352,6 +362,13 @@ def prepare_incoming(config: Config, path_text: str) -> Outcome | Prepared:
             started,
         )
     result = _apply_rule(rule, ds, path)
+    if result is None:  # not compressed, and written as received
+        outcome.transfer_syntax = str(ds.file_meta.TransferSyntaxUID)
+        return Prepared(
+            outcome,
+            lambda: _hand_over(config, spool, rule, ds, path, outcome, received=True),
+            started,
+        )
     outcome.transfer_syntax = str(result.transfer_syntax)
     outcome.compressed, outcome.lossy = result.compressed, result.lossy
     outcome.reason, outcome.notes = result.reason, list(result.notes)
@@ -361,16 +378,33 @@ def prepare_incoming(config: Config, path_text: str) -> Outcome | Prepared:
     )
 
 
-def _apply_rule(rule: Rule, ds: Dataset, path: Path) -> CompressResult:
+def _apply_rule(rule: Rule, ds: Dataset, path: Path) -> CompressResult | None:
+    """The rule's compression of ``ds``; None: a deflated instance to keep as received."""
     assert rule.compress is not None
+    deflated = UID(ds.file_meta.get("TransferSyntaxUID", "")).is_deflated
     # The worker owns ds: no defensive copy. A pass-through may find ds half-changed,
     # so it starts again from the file, which is still in incoming/.
     result = compress_dataset(ds, rule.compress, copy_input=False)
+    if result.reason is not None and deflated:
+        # Its file is valid as it is; reading it again would inflate it a second time.
+        return None
     if result.reason is not None:
         kept = passthrough(pydicom.dcmread(path), result.reason)
         kept.notes = result.notes
         return kept
     return result
+
+
+def _deflate_refusal(path: Path, limit: int) -> Refusal | None:
+    """Why a deflated file must not be read (it inflates past ``limit``, or is corrupt).
+
+    The receiving side checks this before acknowledging; a file may also come from
+    an older spool. Costs nothing for files that are not deflated.
+    """
+    try:
+        return deflated_file_refusal(path, limit)
+    except (OSError, struct.error):
+        return None  # dcmread then says what is wrong with it
 
 
 def _hand_over(
@@ -402,6 +436,7 @@ def _hand_over(
 
     for name in rule.send_to:
         dest = config.destinations[name]
+        permanent: str | None = None
         if isinstance(dest, FolderDestination):
             try:
                 target = folder.target_path(dest, ds)
@@ -410,15 +445,32 @@ def _hand_over(
                 outcome.delivered.append(name)
                 continue
             except (OSError, folder.UnsafePathError) as exc:
-                outcome.errors.append(f"{name}: {exc}; queued for retry")
+                if isinstance(exc, OSError) and is_permanent(exc):
+                    permanent = f"cannot write: {exc}"
+                    outcome.errors.append(f"{name}: {exc}; moved to failed/")
+                else:
+                    outcome.errors.append(f"{name}: {exc}; queued for retry")
         elif not isinstance(dest, DicomDestination):
             raise TypeError(f"unknown destination type {type(dest).__name__}")
         pending = spool.pending_dir(name)
         makedirs_durably(pending)
         put(pending / incoming.name)
+        if permanent is not None:
+            _fail_at_once(spool, name, incoming.name, permanent, outcome.sop_instance_uid)
         outcome.queued.append(name)
     # Every destination has it or holds it in its outbox: the incoming copy can go.
     incoming.unlink()
+
+
+def _fail_at_once(spool: Spool, destination: str, name: str, error: str, uid: str) -> None:
+    """Move an instance just queued for ``destination`` to its ``failed/``, with why.
+
+    For errors that retrying cannot cure (a file name the file system refuses).
+    """
+    outbox = Outbox(spool, destination)
+    makedirs_durably(outbox.failed)
+    item_id = name.removesuffix(".dcm")
+    outbox.fail(item_id, Failure(error=error), ItemState(attempts=1), uid)
 
 
 def encode_part10(ds: Dataset) -> bytes:

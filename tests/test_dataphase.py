@@ -22,6 +22,14 @@ from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_dataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
+from node.admission import (
+    SERIES_INSTANCE_UID,
+    SOP_INSTANCE_UID,
+    _read_with_pydicom,
+    _walk_plain,
+    dataset_refusal,
+    read_header_uids,
+)
 from node.dataphase import (
     HEADER_PREFIX,
     ProtocolError,
@@ -30,7 +38,6 @@ from node.dataphase import (
     pdata_pdus,
     store_response,
 )
-from node.scp import header_problem, plainly_has_sop_instance_uid
 from tests import images
 from tests.conftest import default_config, free_port, storescu
 from tests.test_hostile import CT_IMAGE_STORAGE, a_associate_rq, echo_ok
@@ -323,19 +330,32 @@ _MAKERS = [
 ]
 
 
+def _judge(data: bytes, syntax: str, ds) -> object:
+    return dataset_refusal(data, syntax, str(ds.SOPClassUID), str(ds.SOPInstanceUID))
+
+
 @pytest.mark.parametrize("make", _MAKERS, ids=lambda f: f.__name__)
 @pytest.mark.parametrize("implicit", [False, True], ids=["explicit", "implicit"])
 def test_the_header_check_fast_path_agrees_with_pydicom(make, implicit: bool) -> None:
     ds = make()
     data = (implicit_le if implicit else explicit_le)(ds)[:HEADER_PREFIX]
     syntax = "1.2.840.10008.1.2" if implicit else "1.2.840.10008.1.2.1"
-    assert plainly_has_sop_instance_uid(data, implicit)
-    assert header_problem(data, syntax) is None
+    plain = _walk_plain(data, implicit)
+    assert plain is not None and plain.complete
+    # pydicom's path (the fallback) finds the same UIDs, byte for byte.
+    assert _read_with_pydicom(data, implicit, True, SERIES_INSTANCE_UID) == plain.found
+    assert plain.found[SOP_INSTANCE_UID].rstrip(b"\0") == str(ds.SOPInstanceUID).encode()
+    assert _judge(data, syntax, ds) is None
     # What the fast path does not take, pydicom still judges.
+    uid = ds.SOPInstanceUID
     del ds.SOPInstanceUID
     data = (implicit_le if implicit else explicit_le)(ds)[:HEADER_PREFIX]
-    assert not plainly_has_sop_instance_uid(data, implicit)
-    assert header_problem(data, syntax) == "data set has no SOP Instance UID"
+    assert (
+        SOP_INSTANCE_UID
+        not in (_walk_plain(data, implicit) or read_header_uids(data, syntax)).found
+    )
+    ds.SOPInstanceUID = uid
+    assert _judge(data, syntax, ds).comment == "data set has no SOP Instance UID"
 
 
 def _element(group: int, element: int, vr: bytes, value: bytes) -> bytes:
@@ -346,17 +366,22 @@ def _element(group: int, element: int, vr: bytes, value: bytes) -> bytes:
 
 def test_the_header_check_fast_path_declines_what_it_cannot_read_plainly() -> None:
     uid = _element(0x0008, 0x0018, b"UI", b"1.2.3.4\x00")
+    after = _element(0x0028, 0x0010, b"US", b"\x01\x00")
     # A sequence of undefined length before the UID: pydicom's path reads it.
     item = struct.pack("<HHL", 0xFFFE, 0xE000, 0xFFFFFFFF) + _element(0x0008, 0x0100, b"SH", b"X ")
     item += struct.pack("<HHL", 0xFFFE, 0xE00D, 0)
     sequence = struct.pack("<HH2sHL", 0x0008, 0x0006, b"SQ", 0, 0xFFFFFFFF) + item
     sequence += struct.pack("<HHL", 0xFFFE, 0xE0DD, 0)
-    data = sequence + uid
-    assert not plainly_has_sop_instance_uid(data, implicit=False)
-    assert header_problem(data, "1.2.840.10008.1.2.1") is None
-    # An empty UID, an unknown VR, garbage, a cut-off value: never "plainly there".
-    assert not plainly_has_sop_instance_uid(_element(0x0008, 0x0018, b"UI", b"  "), False)
-    assert not plainly_has_sop_instance_uid(_element(0x0008, 0x0016, b"ZZ", b"12") + uid, False)
-    assert not plainly_has_sop_instance_uid(b"\xff" * 64, False)
-    assert not plainly_has_sop_instance_uid(uid[:-3], False)
-    assert header_problem(b"\xff" * 64, "1.2.840.10008.1.2.1") == "data set has no SOP Instance UID"
+    data = sequence + uid + after
+    explicit = "1.2.840.10008.1.2.1"
+    assert _walk_plain(data, implicit=False) is None
+    assert dataset_refusal(data, explicit, "1.2.840.10008.5.1.4.1.1.2", "1.2.3.4") is None
+    # An unknown VR, garbage, a cut-off value: never read plainly.
+    assert _walk_plain(_element(0x0008, 0x0016, b"ZZ", b"12") + uid + after, False) is None
+    assert _walk_plain(b"\xff" * 64, False) is None
+    assert _walk_plain(uid[:-3], False) is None
+    assert dataset_refusal(b"\xff" * 64, explicit, "1.2", "1.2.3.4") is not None
+    # An empty UID is found, and refused.
+    empty = _element(0x0008, 0x0018, b"UI", b"  ") + after
+    refusal = dataset_refusal(empty, explicit, "1.2", "1.2.3.4")
+    assert refusal is not None and refusal.status == 0xC000

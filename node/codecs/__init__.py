@@ -50,7 +50,13 @@ from pydicom.uid import (
 from pydicom.valuerep import VR
 
 from node.codecs import frames, verify
-from node.codecs.base import CodecError, CompressResult, CompressSpec, SyntaxInfo
+from node.codecs.base import (
+    CodecError,
+    CompressResult,
+    CompressSpec,
+    SyntaxInfo,
+    reraise_unless_codec_failure,
+)
 from node.codecs.endian import is_big_endian, to_little_endian
 from node.codecs.lossy import format_ratio, mark_lossy
 from node.codecs.pixels import (
@@ -185,7 +191,8 @@ def compress_dataset(ds: Dataset, spec: CompressSpec, *, copy_input: bool = True
         return passthrough(ds, str(exc))
     except PixelFormatError as exc:
         return passthrough(ds, str(exc))
-    except Exception as exc:  # an encoder or decoder bug must not lose the instance
+    except BaseException as exc:  # an encoder or decoder bug must not lose the instance
+        reraise_unless_codec_failure(exc)
         return passthrough(ds, f"codec error: {type(exc).__name__}: {one_line(exc)}")
 
 
@@ -396,7 +403,8 @@ def _encode(ds: Dataset, pixels: Pixels, target: UID, plugin: str | None, **opti
                     generate_instance_uid=False,
                     **options,
                 )
-        except Exception as exc:
+        except BaseException as exc:
+            reraise_unless_codec_failure(exc)
             failures.append(f"{name}: {one_line(exc)}")
             continue
         return name

@@ -13,6 +13,26 @@ from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
 
+def is_rust_panic(exc: BaseException) -> bool:
+    """True for a panic in a Rust extension (pylibjpeg-rle, ...).
+
+    pyo3 raises it as ``pyo3_runtime.PanicException``, which derives from
+    BaseException (not Exception), and every extension has its own class of that name.
+    """
+    kind = type(exc)
+    return kind.__name__ == "PanicException" and kind.__module__ == "pyo3_runtime"
+
+
+def reraise_unless_codec_failure(exc: BaseException) -> None:
+    """Re-raise ``exc`` unless a codec could have raised it on bad data.
+
+    For ``except BaseException`` around codec calls: an Exception or a Rust panic
+    means "this data cannot be coded"; KeyboardInterrupt and SystemExit go on.
+    """
+    if not (isinstance(exc, Exception) or is_rust_panic(exc)):
+        raise exc
+
+
 class CodecError(Exception):
     """An encoder failed or produced output that does not decode to the input."""
 

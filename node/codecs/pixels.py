@@ -16,6 +16,8 @@ from pydicom.pixels import get_decoder
 from pydicom.pixels.utils import pack_bits
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
+from node.codecs.base import reraise_unless_codec_failure
+
 # Decoders hand back sub-sampled colour (YBR_FULL_422) already up-sampled to full
 # resolution, so what gets re-encoded is full YBR.
 _FULL_RESOLUTION_PI: dict[str, str] = {"YBR_FULL_422": "YBR_FULL"}
@@ -91,7 +93,8 @@ def decode_stored(ds: Dataset, syntax: UID) -> Pixels:
     else:
         try:
             arr, meta = get_decoder(syntax).as_array(ds, raw=True)
-        except Exception as exc:
+        except BaseException as exc:
+            reraise_unless_codec_failure(exc)
             message = f"cannot decode the {syntax.name} pixel data: {one_line(exc)}"
             raise PixelFormatError(message) from exc
 

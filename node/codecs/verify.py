@@ -30,6 +30,7 @@ from pydicom.uid import (
     RLELossless,
 )
 
+from node.codecs.base import reraise_unless_codec_failure
 from node.codecs.pixels import PixelFormatError, Pixels, container_dtype, one_line, stored_values
 
 
@@ -176,7 +177,8 @@ def compare(
     decoder, independent = choice
     try:
         raw = decode_with(decoder, ds, uid)
-    except Exception as exc:
+    except BaseException as exc:
+        reraise_unless_codec_failure(exc)
         raise PixelFormatError(f"{decoder.name} cannot decode the output: {one_line(exc)}") from exc
     if convert is not None:
         raw = convert(raw)

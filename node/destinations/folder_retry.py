@@ -15,6 +15,7 @@ from pydicom.errors import InvalidDicomError
 
 from node.config import FolderDestination, RetryPolicy
 from node.destinations import folder
+from node.fsutil import is_permanent
 from node.outbox import Failure, Outbox, Scheduler, Waker
 from node.spool import Spool
 
@@ -75,7 +76,10 @@ class FolderRetryRunner:
             self.scheduler.fail(item_id, Failure(error=str(exc)))
             return
         except OSError as exc:
-            if self.scheduler.transient(item_id, f"cannot write: {exc}"):
+            if is_permanent(exc):  # retrying the same name cannot succeed
+                log.error("%s: %s moved to failed/: %s", self.dest.name, item_id, exc)
+                self.scheduler.fail(item_id, Failure(error=f"cannot write: {exc}"))
+            elif self.scheduler.transient(item_id, f"cannot write: {exc}"):
                 log.warning("%s: %s not written, will retry: %s", self.dest.name, item_id, exc)
             else:
                 self.scheduler.fail(item_id, Failure(error=str(exc), permanent=False))
