@@ -346,6 +346,8 @@ class DataPhase:
         if refusal is not None:
             log.warning("refused an instance from %s: %s", self.peer(), refusal.comment)
             instance.outcome = (refusal.status, refusal.comment)
+            # Not echoed in the response: they are optional there (PS3.7 9.3.1.2).
+            instance.sop_class = instance.sop_instance = ""
         else:
             if instance.transfer_syntax == DEFLATED:
                 instance.inflater = Inflater(self.target.max_dataset_size(), HEADER_PREFIX)
@@ -543,7 +545,7 @@ def store_response(instance: _Instance, status: int, comment: str | None) -> byt
     if comment:
         elements.append((ERROR_COMMENT, comment[:64].encode("ascii", "replace")))
     elements.append((AFFECTED_SOP_INSTANCE, instance.sop_instance.encode("ascii", "replace")))
-    return _command(elements)
+    return _command([(tag, value) for tag, value in elements if value])
 
 
 def echo_response(fields: dict[int, bytes], status: int) -> bytes:
