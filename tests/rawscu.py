@@ -7,6 +7,7 @@ client sends exactly the bytes it is given (PS3.8 9.3 PDUs, PS3.7 E command sets
 
 from __future__ import annotations
 
+import functools
 import socket
 import struct
 import zlib
@@ -211,15 +212,24 @@ def deflate(data: bytes) -> bytes:
 
 def deflate_bomb(header: bytes, inflated_size: int) -> list[bytes]:
     """``header`` (a data set without Pixel Data), then Pixel Data of ``inflated_size``
-    zero bytes, deflated in pieces (the bomb is never held inflated)."""
+    zero bytes, deflated in pieces (the bomb is never held inflated).
+
+    The header is deflated on its own and ends with a full flush (no back-references
+    cross it), so the costly part is made once per size and shared by every bomb.
+    """
+    head = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    return [head.compress(header) + head.flush(zlib.Z_FULL_FLUSH), *_zero_pixels(inflated_size)]
+
+
+@functools.lru_cache(maxsize=4)
+def _zero_pixels(size: int) -> tuple[bytes, ...]:
     out = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
-    pieces = [out.compress(header)]
-    pieces.append(out.compress(struct.pack("<HH2sHL", 0x7FE0, 0x0010, b"OW", 0, inflated_size)))
+    pieces = [out.compress(struct.pack("<HH2sHL", 0x7FE0, 0x0010, b"OW", 0, size))]
     zeros = bytes(16 * 1024 * 1024)
-    left = inflated_size
+    left = size
     while left:
         chunk = zeros[: min(left, len(zeros))]
         pieces.append(out.compress(chunk))
         left -= len(chunk)
     pieces.append(out.flush())
-    return [p for p in pieces if p]
+    return tuple(p for p in pieces if p)
