@@ -1,8 +1,8 @@
 """The data-transfer phase of storage associations, read straight off the socket.
 
 pynetdicom negotiates every association (A-ASSOCIATE, roles, TLS, the Gatekeeper's
-checks). Once an association whose accepted contexts are all storage or Verification
-is established, its own thread takes the socket over from pynetdicom: it reads
+checks). Once an association whose accepted contexts are all storage, Verification or
+Storage Commitment (the peer as SCP) is established, its own thread takes the socket over from pynetdicom: it reads
 P-DATA-TF PDUs with blocking reads, streams each data set into a spool file as its
 fragments arrive, and answers C-STORE and C-ECHO from byte templates.
 
@@ -11,8 +11,8 @@ Why: pynetdicom's data phase costs about 5 ms of CPU per CT image on our machine
 pydicom Dataset for every response), five times DCMTK's storescp; and it holds each
 data set in memory whole. This path does none of that; the PDU and DIMSE rules it
 follows are PS3.8 9.3 (PDU structure) and PS3.7 E (command sets, Implicit VR Little
-Endian). Associations with other services (Storage Commitment reports) stay on
-pynetdicom's path.
+Endian). It also takes Storage Commitment N-EVENT-REPORTs from a PACS (PS3.4 J.3.3),
+so that every association the node accepts has this one receive path.
 """
 
 from __future__ import annotations
@@ -25,13 +25,16 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 
+from pydicom.dataset import Dataset
+from pydicom.filereader import read_dataset
 from pydicom.uid import UID
 from pynetdicom import evt
 from pynetdicom.events import Event
-from pynetdicom.sop_class import Verification
+from pynetdicom.sop_class import StorageCommitmentPushModel, Verification
 
 from node.admission import DEFLATED, EXPLICIT_VR_LITTLE_ENDIAN, Inflater, Refusal, command_refusal
 from node.fsutil import DurableFile
@@ -56,6 +59,7 @@ INVALID_PDU_PARAMETER = 0x06
 # DIMSE command fields (PS3.7 E.1).
 C_STORE_RQ = 0x0001
 C_ECHO_RQ = 0x0030
+N_EVENT_REPORT_RQ = 0x0100
 C_CANCEL_RQ = 0x0FFF
 NO_DATA_SET = 0x0101
 
@@ -68,6 +72,11 @@ DATA_SET_TYPE = 0x0800
 STATUS = 0x0900
 ERROR_COMMENT = 0x0902
 AFFECTED_SOP_INSTANCE = 0x1000
+EVENT_TYPE_ID = 0x1002
+# A Storage Commitment report's event information lists every instance of its
+# transaction (~120 bytes each); this bounds what is held in memory to parse it.
+MAX_EVENT_INFORMATION = 64 * 1024 * 1024
+PROCESSING_FAILURE = 0x0110
 
 # The header check needs the data set up to its SOP Instance UID; the elements before
 # it are all short, so the first 64 KiB hold it in any sane data set.
@@ -103,13 +112,19 @@ class StoreTarget:
     max_dataset_size: Callable[[], int]
     # (assoc, bytes, ok, seconds) after each answered C-STORE.
     stored: Callable[[Any, int, bool, float], None] = lambda *a: None
+    # A Storage Commitment report (event type, event information) for the destination
+    # whose transaction it settles; returns the status to answer (PS3.4 J.3.3).
+    commitment_report: Callable[[int, Dataset | None], int] = lambda *a: PROCESSING_FAILURE
 
 
-def is_storage_only(assoc: Any, is_storage: Callable[[UID], bool]) -> bool:
-    """True if every accepted context is a storage SOP class or Verification."""
+def is_servable(assoc: Any, is_storage: Callable[[UID], bool]) -> bool:
+    """True if every accepted context is storage, Verification or Storage Commitment
+    (whose reports the peer sends: the node accepts that context only in that role)."""
     contexts = assoc.accepted_contexts
     return bool(contexts) and all(
-        cx.abstract_syntax == Verification or is_storage(UID(cx.abstract_syntax)) for cx in contexts
+        cx.abstract_syntax in (Verification, StorageCommitmentPushModel)
+        or is_storage(UID(cx.abstract_syntax))
+        for cx in contexts
     )
 
 
@@ -165,6 +180,15 @@ class _Command:
 
 
 @dataclass
+class _EventReport:
+    """An N-EVENT-REPORT-RQ whose event information is still arriving."""
+
+    context_id: int
+    fields: dict[int, bytes]
+    data: bytearray = field(default_factory=bytearray)
+
+
+@dataclass
 class _Instance:
     """One C-STORE data set on its way into the spool."""
 
@@ -199,6 +223,7 @@ class DataPhase:
         self._peer_max = int(assoc.requestor.maximum_length or 0)
         self._command: _Command | None = None
         self._instance: _Instance | None = None
+        self._report: _EventReport | None = None
         self._ahead: DurableFile | None = None  # the next instance's spool file
         self._header = bytearray(6)
         self._body = bytearray(int(assoc.acceptor.maximum_length or 0) + 6)
@@ -298,7 +323,7 @@ class DataPhase:
     # ------------------------------------------------------------------ DIMSE
 
     def _on_command_fragment(self, context_id: int, fragment: memoryview, last: bool) -> None:
-        if self._instance is not None:
+        if self._instance is not None or self._report is not None:
             raise ProtocolError("a command arrived before the previous data set was complete")
         if self._command is None:
             self._command = _Command(context_id)
@@ -318,6 +343,12 @@ class DataPhase:
             self._respond(context_id, echo_response(fields, SUCCESS))
         elif command == C_STORE_RQ:
             self._begin_store(context_id, fields, has_data)
+        elif command == N_EVENT_REPORT_RQ and self._is_commitment(context_id):
+            report = _EventReport(context_id, fields)
+            if has_data:
+                self._report = report
+            else:
+                self._answer_report(report)
         elif command == C_CANCEL_RQ:
             pass  # nothing here runs long enough to cancel (PS3.7 9.3.2.3)
         else:
@@ -359,7 +390,38 @@ class DataPhase:
                 instance.outcome = self._cannot_store(instance, exc)
         self._instance = instance
 
+    def _is_commitment(self, context_id: int) -> bool:
+        return self._contexts[context_id].abstract_syntax == StorageCommitmentPushModel
+
+    def _on_report_fragment(self, context_id: int, fragment: memoryview, last: bool) -> None:
+        report = self._report
+        assert report is not None
+        if report.context_id != context_id:
+            raise ProtocolError("event information on another presentation context")
+        report.data += fragment
+        if len(report.data) > MAX_EVENT_INFORMATION:
+            raise ProtocolError("N-EVENT-REPORT event information larger than 64 MiB")
+        if last:
+            self._report = None
+            self._answer_report(report)
+
+    def _answer_report(self, report: _EventReport) -> None:
+        """Hand a Storage Commitment report to its destination, then answer it."""
+        syntax = str(self._contexts[report.context_id].transfer_syntax[0])
+        try:
+            info = decode_dataset(bytes(report.data), syntax) if report.data else None
+            status = self.target.commitment_report(_us(report.fields, EVENT_TYPE_ID), info)
+        except ProtocolError:
+            raise
+        except Exception:  # a bug or a broken report must not end the association
+            log.exception("cannot process a storage commitment report from %s", self.peer())
+            status = PROCESSING_FAILURE
+        self._respond(report.context_id, event_report_response(report.fields, status))
+
     def _on_data_fragment(self, context_id: int, fragment: memoryview, last: bool) -> None:
+        if self._report is not None:
+            self._on_report_fragment(context_id, fragment, last)
+            return
         instance = self._instance
         if instance is None or instance.context_id != context_id:
             raise ProtocolError("a data set fragment without its C-STORE command")
@@ -562,6 +624,27 @@ def echo_response(fields: dict[int, bytes], status: int) -> bytes:
     )
 
 
+def event_report_response(fields: dict[int, bytes], status: int) -> bytes:
+    """An N-EVENT-REPORT-RSP command set (PS3.7 10.3.1.2)."""
+    return _command(
+        [
+            (AFFECTED_SOP_CLASS, fields.get(AFFECTED_SOP_CLASS, b"").rstrip(b"\x00")),
+            (COMMAND_FIELD, struct.pack("<H", 0x8100)),
+            (MESSAGE_ID_RESPONDED_TO, struct.pack("<H", _us(fields, MESSAGE_ID))),
+            (DATA_SET_TYPE, struct.pack("<H", NO_DATA_SET)),
+            (STATUS, struct.pack("<H", status)),
+            (AFFECTED_SOP_INSTANCE, fields.get(AFFECTED_SOP_INSTANCE, b"").rstrip(b"\x00")),
+            (EVENT_TYPE_ID, fields.get(EVENT_TYPE_ID, b"")),
+        ]
+    )
+
+
+def decode_dataset(data: bytes, transfer_syntax: str) -> Dataset:
+    """A small data set (event information) received on a context of ``transfer_syntax``."""
+    syntax = UID(transfer_syntax)
+    return read_dataset(BytesIO(data), syntax.is_implicit_VR, syntax.is_little_endian)
+
+
 def pdata_pdus(context_id: int, command: bytes, peer_max: int) -> bytes:
     """P-DATA-TF PDUs carrying a command set, fragmented to the peer's maximum PDU length."""
     room = (peer_max - 6) if peer_max else len(command)  # a PDV item header is 6 bytes
@@ -596,7 +679,7 @@ def serve(
     handover: Handover | None = getattr(assoc, _HANDOVER, None)
     if handover is None:
         return
-    take = is_storage_only(assoc, is_storage)
+    take = is_servable(assoc, is_storage)
     if not handover.decide(take):
         assoc.abort()
         return

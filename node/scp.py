@@ -1,7 +1,9 @@
-"""Associations and the C-STORE / C-ECHO handlers: receive into the spool, nothing else.
+"""Associations: negotiation, access control and TLS, then the data phase.
 
-A C-STORE is answered Success only after its data set is durable in the spool; the
-handler never decodes the data set, and compression happens later in workers.
+pynetdicom negotiates every association; the data phase (C-STORE, C-ECHO, Storage
+Commitment reports) is served by node/dataphase.py, the one receive path. A C-STORE
+is answered Success only after its data set is durable in the spool; nothing here
+decodes a data set, and compression happens later in workers.
 """
 
 from __future__ import annotations
@@ -30,21 +32,16 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from node import dataphase
 from node.admission import (
-    DEFLATED,
-    EXPLICIT_VR_LITTLE_ENDIAN,
-    Inflater,
-    Refusal,
-    command_refusal,
     dataset_refusal,
 )
 from node.config import NodeSettings, TlsSettings
-from node.dataphase import HEADER_PREFIX, StoreTarget
+from node.dataphase import StoreTarget
 from node.errors import StartupError
 from node.metrics import Metrics
 from node.pynetdicom_private import protect_acceptor
 from node.rules import in_networks
-from node.spool import Arrival, Spool
-from node.statuses import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, PROCESSING_FAILURE, SUCCESS
+from node.spool import Spool
+from node.statuses import PROCESSING_FAILURE
 
 log = logging.getLogger("dicom_node.scp")
 
@@ -74,6 +71,7 @@ DUL_POLL_SECONDS = 0.0002
 CALLING_AE_NOT_RECOGNISED = 0x03
 CALLED_AE_NOT_RECOGNISED = 0x07
 _TRANSFER_SYNTAXES_NOT_SUPPORTED = 0x04
+_USER_REJECTION = 0x01
 
 Submit = Callable[[Path], None]
 # Hands a Storage Commitment N-EVENT-REPORT (event type, event information) to the
@@ -156,10 +154,32 @@ def enable_any_storage_class() -> None:
                     _context(rcx, rcx.transfer_syntax[:1], result=_TRANSFER_SYNTAXES_NOT_SUPPORTED)
                 )
         result, reply_roles = original(kept, ac_contexts, roles)
+        result, reply_roles = _commitment_only_as_peer_scp(result, reply_roles, roles or {})
         return sorted(result + refused, key=lambda cx: cx.context_id), reply_roles
 
     negotiate._dicom_node = True  # type: ignore[attr-defined]
     pynetdicom.acse.negotiate_unrestricted = negotiate
+
+
+def _commitment_only_as_peer_scp(
+    contexts: list[PresentationContext], reply_roles: Any, roles: dict[Any, Any]
+) -> tuple[list[PresentationContext], Any]:
+    """Reject the Storage Commitment Push Model context unless the peer proposed the
+    SCP role for itself (a PACS that sends N-EVENT-REPORTs, PS3.4 J.3.3).
+
+    The node does not commit instances for others: a modality that proposes the
+    context as SCU (to send N-ACTIONs) gets it rejected (user rejection) and knows.
+    """
+    rejected = set()
+    for cx in contexts:
+        if cx.abstract_syntax == StorageCommitmentPushModel and cx.result == 0x00:
+            _scu, scp = roles.get(StorageCommitmentPushModel, (None, None))
+            if not scp:
+                cx.result = _USER_REJECTION
+                rejected.add(StorageCommitmentPushModel)
+    if rejected and reply_roles:
+        reply_roles = [r for r in reply_roles if r.sop_class_uid not in rejected]
+    return contexts, reply_roles
 
 
 def _is_storage_like(uid: UID) -> bool:
@@ -188,44 +208,15 @@ class _Traffic:
     instances: int = 0
     failures: int = 0
     bytes: int = 0
-    unanswered: int = 0  # bytes received since the last C-STORE was answered
-    aborted: bool = False
 
 
 class AssociationLog:
-    """One log line per association: peer, AE titles, instances, bytes, duration.
+    """One log line per association: peer, AE titles, instances, bytes, duration."""
 
-    It also aborts an association whose data set grows past ``max_dataset_size``:
-    pynetdicom gathers a whole data set in memory before the handler sees it.
-    """
-
-    def __init__(
-        self, metrics: Metrics | None = None, max_dataset_size: Callable[[], int] | None = None
-    ) -> None:
+    def __init__(self, metrics: Metrics | None = None) -> None:
         self._lock = threading.Lock()
         self._open: dict[int, _Traffic] = {}
         self._metrics = metrics
-        self._max_dataset_size = max_dataset_size
-
-    def received(self, event: Event) -> None:
-        if self._max_dataset_size is None:
-            return
-        with self._lock:
-            traffic = self._open.setdefault(id(event.assoc), _Traffic())
-            traffic.unanswered += len(event.data)
-            too_big = traffic.unanswered > self._max_dataset_size() and not traffic.aborted
-            traffic.aborted |= too_big
-        if too_big:
-            requestor = event.assoc.requestor
-            log.warning(
-                "aborting the association with %s at %s: data set larger than "
-                "node.max_dataset_size (%d bytes)",
-                requestor.ae_title,
-                requestor.address,
-                self._max_dataset_size(),
-            )
-            # Not from this thread: it is the one abort() waits for.
-            threading.Thread(target=event.assoc.abort, daemon=True).start()
 
     def opened(self, event: Event) -> None:
         with self._lock:
@@ -239,7 +230,6 @@ class AssociationLog:
             traffic.instances += ok
             traffic.failures += not ok
             traffic.bytes += size
-            traffic.unanswered = 0
 
     def closed(self, event: Event, how: str) -> None:
         with self._lock:
@@ -346,14 +336,14 @@ def handlers(
     metrics: Metrics | None = None,
     commitment_report: CommitmentReport | None = None,
 ) -> list[Any]:
-    associations = AssociationLog(metrics, lambda: gatekeeper.settings.max_dataset_size)
-    report = commitment_report or _no_commitment_expected
+    associations = AssociationLog(metrics)
     target = StoreTarget(
         spool=spool,
         submit=submit,
         header_problem=dataset_refusal,
         max_dataset_size=lambda: gatekeeper.settings.max_dataset_size,
         stored=associations.stored,
+        commitment_report=commitment_report or _no_commitment_expected,
     )
     return [
         (
@@ -367,14 +357,6 @@ def handlers(
             [target, _is_storage_like, lambda: gatekeeper.settings.network_timeout],
         ),
         (evt.EVT_REQUESTED, gatekeeper.check),
-        (evt.EVT_DATA_RECV, associations.received),
-        (evt.EVT_C_ECHO, handle_echo),
-        (evt.EVT_N_EVENT_REPORT, handle_event_report, [report]),
-        (
-            evt.EVT_C_STORE,
-            handle_store,
-            [spool, submit, associations, lambda: gatekeeper.settings.max_dataset_size],
-        ),
         (evt.EVT_ACCEPTED, lambda event: associations.opened(event)),
         (evt.EVT_RELEASED, associations.closed, ["released"]),
         (evt.EVT_ABORTED, associations.closed, ["aborted"]),
@@ -424,97 +406,5 @@ def _shorter_dul_poll(event: Event) -> None:
     event.assoc.dul._run_loop_delay = DUL_POLL_SECONDS
 
 
-def handle_echo(event: Event) -> int:
-    return SUCCESS
-
-
-def handle_event_report(event: Event, report: CommitmentReport) -> tuple[int, None]:
-    """A Storage Commitment result: hand it to its destination and answer; no network work."""
-    request = event.request
-    if request.AffectedSOPClassUID != StorageCommitmentPushModel:
-        return PROCESSING_FAILURE, None
-    try:
-        return report(int(request.EventTypeID), event.event_information), None
-    except Exception:  # a bug must not kill the association; the peer may report again
-        log.exception("cannot process a storage commitment report from %s", _caller(event))
-        return PROCESSING_FAILURE, None
-
-
 def _no_commitment_expected(event_type: int, info: Dataset | None) -> int:
     return PROCESSING_FAILURE
-
-
-def _caller(event: Event) -> str:
-    return str(event.assoc.requestor.ae_title)
-
-
-def handle_store(
-    event: Event,
-    spool: Spool,
-    submit: Submit,
-    associations: AssociationLog | None = None,
-    max_dataset_size: Callable[[], int] = lambda: NodeSettings.max_dataset_size,
-) -> int | Dataset:
-    """Make the data set durable in the spool, then answer; never decode it."""
-    started = time.perf_counter()
-    request = event.request
-    data = request.DataSet.getvalue() if request.DataSet is not None else b""
-    status = store_durably(event, data, spool, submit, max_dataset_size())
-    if associations is not None:
-        ok = status == SUCCESS
-        associations.stored(event.assoc, len(data), ok, time.perf_counter() - started)
-    return status
-
-
-def store_durably(
-    event: Event, data: bytes, spool: Spool, submit: Submit, max_dataset_size: int
-) -> int | Dataset:
-    request = event.request
-    if not data:
-        return _status(CANNOT_UNDERSTAND, "C-STORE request without a data set")
-    sop_class, sop_instance = request.AffectedSOPClassUID, request.AffectedSOPInstanceUID
-    transfer_syntax = str(event.context.transfer_syntax)
-    refusal = command_refusal(
-        str(sop_class or "").encode(), str(sop_instance or "").encode()
-    ) or admission_refusal(
-        data, transfer_syntax, str(sop_class), str(sop_instance), max_dataset_size
-    )
-    if refusal is not None:
-        log.warning(
-            "refused an instance from %s: %s", event.assoc.requestor.ae_title, refusal.comment
-        )
-        return _status(refusal.status, refusal.comment)
-    arrival = Arrival.on(event.assoc, str(sop_class), str(sop_instance), transfer_syntax)
-    try:
-        path = spool.accept(arrival, [data])
-    except OSError as exc:
-        log.error(
-            "cannot store %s from %s in the spool: %s",
-            arrival.sop_instance_uid,
-            arrival.calling_ae_title,
-            exc,
-        )
-        return _status(OUT_OF_RESOURCES, f"node cannot store the instance: {exc.strerror or exc}")
-    submit(path)
-    return SUCCESS
-
-
-def admission_refusal(
-    data: bytes, transfer_syntax: str, sop_class: str, sop_instance: str, max_dataset_size: int
-) -> Refusal | None:
-    """node.admission's checks on a whole data set held in memory (pynetdicom's path)."""
-    if transfer_syntax == DEFLATED:
-        inflater = Inflater(max_dataset_size, HEADER_PREFIX)
-        inflater.feed(data)
-        refusal = inflater.finish()
-        if refusal is not None:
-            return refusal
-        data, transfer_syntax = bytes(inflater.prefix), EXPLICIT_VR_LITTLE_ENDIAN
-    return dataset_refusal(data, transfer_syntax, sop_class, sop_instance)
-
-
-def _status(code: int, comment: str) -> Dataset:
-    status = Dataset()
-    status.Status = code
-    status.ErrorComment = comment[:64]
-    return status

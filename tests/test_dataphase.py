@@ -385,3 +385,37 @@ def test_the_header_check_fast_path_declines_what_it_cannot_read_plainly() -> No
     empty = _element(0x0008, 0x0018, b"UI", b"  ") + after
     refusal = dataset_refusal(empty, explicit, "1.2", "1.2.3.4")
     assert refusal is not None and refusal.status == 0xC000
+
+
+# ------------------------------------------------------------ one receive path
+
+
+@pytest.mark.parametrize("peer_is_scp", [False, True], ids=["modality-as-scu", "pacs-as-scp"])
+def test_storage_beside_storage_commitment_takes_the_one_receive_path(
+    nodes, peer_is_scp: bool
+) -> None:
+    """Storage Commitment is accepted only from a peer that reports (SCP role); either
+    way its C-STOREs are served by the data phase, the only path that stores."""
+    from pynetdicom import AE, build_role
+    from pynetdicom.sop_class import CTImageStorage, StorageCommitmentPushModel
+
+    from tests.conftest import guarded
+
+    node = nodes.start(rules="- name: all\n  send_to: [archive]\n")
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    ae.add_requested_context(StorageCommitmentPushModel)
+    roles = [build_role(StorageCommitmentPushModel, scp_role=True)] if peer_is_scp else []
+    assoc = guarded(ae.associate("127.0.0.1", node.port, ae_title="TEST-NODE", ext_neg=roles))
+    assert assoc.is_established
+    accepted = {cx.abstract_syntax for cx in assoc.accepted_contexts}
+    assert CTImageStorage in accepted
+    assert (StorageCommitmentPushModel in accepted) is peer_is_scp
+    sent = [images.make_ct(rows=64, cols=64, seed=s) for s in range(3)]
+    statuses = [int(assoc.send_c_store(ds).Status) for ds in sent]
+    assoc.release()
+    assert statuses == [0, 0, 0]
+    archived = node.wait_archived(3)
+    assert {pydicom.dcmread(p).SOPInstanceUID for p in archived} == {
+        ds.SOPInstanceUID for ds in sent
+    }

@@ -128,12 +128,20 @@ def test_hostile_patient_id_stays_inside_the_archive(nodes, tmp_path) -> None:
     node = nodes.start()
     ds = images.make_ct(rows=32, cols=32, seed=3)
     ds.PatientID = "../../../etc"
-    ds.StudyInstanceUID = ".."
     storescu(node.port, [write(ds, tmp_path, "evil.dcm")])
     [out] = node.wait_archived(1)
     assert out.resolve().is_relative_to(node.archive.resolve())
     assert not (node.root / "etc").exists() and not (tmp_path / "etc").exists()
     assert ".." not in out.relative_to(node.archive).parts
+    # A UID of ".." is not a UID: refused at the door (docs/conformance.md 3.5).
+    ds.StudyInstanceUID = ".."
+    ds.SOPInstanceUID = pydicom.uid.generate_uid()
+    refused = storescu(node.port, [write(ds, tmp_path, "evil2.dcm")], check=False)
+    assert refused.returncode != 0
+    node.wait_until(
+        lambda: "Study Instance UID is not digits and dots" in node.log_text(), 10, "the refusal"
+    )
+    assert len(node.archived()) == 1
 
 
 def test_sr_without_pixels_passes_through_with_a_reason(nodes, tmp_path) -> None:
