@@ -304,3 +304,52 @@ def test_protocol_breaking_requests_and_probes_release_their_threads(nodes) -> N
     assert "Exception in thread" not in log, log
     assert "it broke the protocol (ValueError" in log
     assert echo_ok(node.port)
+
+
+# ---------------------------------------------------------------- units behind the above
+
+
+def _part10(tmp_path: Path, name: str, syntax: str, body: list[bytes]) -> Path:
+    from node.spool import PREAMBLE, Arrival, encode_file_meta
+
+    arrival = Arrival(rawscu.CT_IMAGE_STORAGE, "1.2.3", syntax, "A", "B", "127.0.0.1", 1)
+    path = tmp_path / name
+    with open(path, "wb") as out:
+        out.write(PREAMBLE + encode_file_meta(arrival))
+        for piece in body:
+            out.write(piece)
+    return path
+
+
+def test_a_worker_judges_a_deflated_file_before_pydicom_inflates_it(tmp_path) -> None:
+    from node.admission import deflated_file_refusal
+
+    ds = images.make_ct(rows=16, cols=16, seed=1)
+    plain = rawscu.encode(ds)
+    good = _part10(tmp_path, "good.dcm", rawscu.DEFLATED, [rawscu.deflate(plain)])
+    assert deflated_file_refusal(good, 1024**2) is None
+    assert pydicom.dcmread(good).SOPInstanceUID == ds.SOPInstanceUID
+    del ds.PixelData
+    bomb = _part10(
+        tmp_path, "bomb.dcm", rawscu.DEFLATED, rawscu.deflate_bomb(rawscu.encode(ds), 2**30)
+    )
+    refusal = deflated_file_refusal(bomb, 64 * 1024**2)
+    assert refusal is not None and refusal.status == 0xA700
+    cut = _part10(tmp_path, "cut.dcm", rawscu.DEFLATED, [rawscu.deflate(plain)[:100]])
+    assert deflated_file_refusal(cut, 1024**2).comment == "deflated data set is incomplete"
+    # Not deflated: not its business, whatever the size.
+    native = _part10(tmp_path, "native.dcm", rawscu.EXPLICIT_LE, [plain])
+    assert deflated_file_refusal(native, 10) is None
+
+
+def test_folder_names_fit_in_bytes_keep_their_extension_and_stay_apart() -> None:
+    from node.destinations.folder import MAX_NAME_BYTES, fit_name, safe_component
+
+    assert len(safe_component("ü" * 200).encode()) <= 128
+    assert safe_component("\udcff" * 3) == "___"  # undecodable bytes are no file name
+    long_a, long_b = "ü" * 150 + "a.dcm", "ü" * 150 + "b.dcm"
+    fitted = {fit_name(long_a), fit_name(long_b)}
+    assert len(fitted) == 2
+    for name in fitted:
+        assert len(name.encode()) <= MAX_NAME_BYTES and name.endswith(".dcm")
+    assert fit_name("short.dcm") == "short.dcm"
