@@ -28,7 +28,7 @@ from node.scp import (
     handlers,
     server_tls_context,
 )
-from node.spool import Spool
+from node.spool import Spool, SpoolLock
 from node.systemd import Notifier
 from node.workers import Outcome
 
@@ -44,6 +44,7 @@ class Node:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.spool = Spool(config.node.spool, config.node.min_free_space)
+        self.spool_lock = SpoolLock(config.node.spool)
         self.pipeline = Pipeline(config, self.spool, on_outcome=self._routed)
         self.runners: dict[str, Runner] = {}
         self.metrics = Metrics(self.pipeline.backlog, self._outbox_depths)
@@ -53,6 +54,7 @@ class Node:
         self._servers: list[NoDelayAssociationServer] = []
 
     def start(self) -> None:
+        self.spool_lock.acquire()  # before create(), which removes partial writes
         self.spool.create()
         self.runners = start_runners(self.config, self.spool)
         left_over = self.pipeline.start()
@@ -156,6 +158,7 @@ class Node:
             self.metrics_server.shutdown()
         stop_all(self.runners)
         log.info("stopped; %d instance(s) wait in the spool", len(self.spool.list_incoming()))
+        self.spool_lock.release()
 
     def reload(self, config_path: str | None) -> None:
         """Apply a re-read config to instances not yet routed; keep the old one if invalid."""
