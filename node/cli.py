@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from node import __version__
 from node.allocator import keep_large_buffers
-from node.config import Config, DicomDestination, FolderDestination, load_config
+from node.config import Config, DicomDestination, FolderDestination, LogLevel, load_config
 from node.errors import ConfigError, NodeError
 
 if TYPE_CHECKING:
@@ -270,7 +270,7 @@ def describe(config: Config) -> str:
         if rule.match.called_ae_title:
             conditions.append(f"called_ae_title ~ {list(rule.match.called_ae_title)}")
         if rule.match.peer_networks:
-            conditions.append(f"peer_address in {list(rule.match.peer_networks)}")
+            conditions.append(f"peer_address in {[str(n) for n in rule.match.peer_networks]}")
         when = " and ".join(conditions) or "everything"
         if rule.compress is None:
             action = "send as received"
@@ -301,18 +301,18 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
-def _setup_logging(level: str, log_format: str = "text") -> None:
+def _setup_logging(level: LogLevel, log_format: str = "text") -> None:
     handler = logging.StreamHandler(sys.stderr)
     if log_format == "json":
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=getattr(logging, level), handlers=[handler])
+    logging.basicConfig(level=level.number, handlers=[handler])
     # pynetdicom logs every PDU at INFO; keep its own chatter at warnings.
     # pynetdicom logs every refused connection and broken PDU at ERROR; the node logs
     # what matters of those itself (one line per association or retry).
     logging.getLogger("pynetdicom").setLevel(
-        logging.WARNING if level == "DEBUG" else logging.CRITICAL
+        logging.WARNING if level is LogLevel.DEBUG else logging.CRITICAL
     )
 
 

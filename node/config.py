@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import importlib.resources
 import ipaddress
+import logging
 import os
 import re
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,6 +31,21 @@ ASSOCIATION_KEYS = ("calling_ae_title", "called_ae_title", "peer_address")
 
 
 # --------------------------------------------------------------------------- types
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class LogLevel(StrEnum):
+    """``node.log_level``; the values are the :mod:`logging` level names."""
+
+    DEBUG = "DEBUG"
+    INFO = "INFO"
+    WARNING = "WARNING"
+    ERROR = "ERROR"
+
+    @property
+    def number(self) -> int:
+        return int(logging.getLevelName(self.value))
 
 
 @dataclass(frozen=True)
@@ -88,7 +105,7 @@ class Match:
     attributes: tuple[tuple[str, tuple[str, ...]], ...] = ()
     calling_ae_title: tuple[str, ...] = ()
     called_ae_title: tuple[str, ...] = ()
-    peer_networks: tuple[str, ...] = ()  # IP networks in CIDR form
+    peer_networks: tuple[IPNetwork, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -104,7 +121,7 @@ class AllowEntry:
     """Callers that may associate: every condition given must hold (globs, networks)."""
 
     calling_ae_title: tuple[str, ...] = ()
-    peer_networks: tuple[str, ...] = ()
+    peer_networks: tuple[IPNetwork, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -132,7 +149,7 @@ class NodeSettings:
     workers: int = 0  # 0 = one per CPU
     max_pdu: int = DEFAULT_MAX_PDU
     max_associations: int = 32
-    log_level: str = "INFO"
+    log_level: LogLevel = LogLevel.INFO
     log_format: Literal["text", "json"] = "text"
     allow: tuple[AllowEntry, ...] = ()  # empty: any caller
     require_called_ae_title: bool = False
@@ -227,11 +244,7 @@ def _parse_node(raw: Any, base_dir: Path) -> NodeSettings:
         workers = 0
     else:
         workers = _int(workers_raw, f"{where}.workers", minimum=1, hint="or 'auto'")
-    log_level = str(raw.get("log_level", defaults.log_level)).upper()
-    if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-        raise ConfigError(
-            f"{where}.log_level: {log_level!r} is not one of DEBUG, INFO, WARNING, ERROR"
-        )
+    log_level = _log_level(raw.get("log_level", defaults.log_level), f"{where}.log_level")
     log_format = raw.get("log_format", defaults.log_format)
     if log_format not in ("text", "json"):
         raise ConfigError(f"{where}.log_format: {log_format!r} is not one of text, json")
@@ -496,7 +509,7 @@ def _parse_match(raw: Any, where: str) -> Match:
     attributes: list[tuple[str, tuple[str, ...]]] = []
     calling: tuple[str, ...] = ()
     called: tuple[str, ...] = ()
-    networks: tuple[str, ...] = ()
+    networks: tuple[IPNetwork, ...] = ()
     for key, value in raw.items():
         patterns = _patterns(value, f"{where}.{key}")
         if key == "calling_ae_title":
@@ -746,9 +759,19 @@ def _patterns(value: Any, where: str) -> tuple[str, ...]:
     return tuple(out)
 
 
-def _network(value: str, where: str) -> str:
+def _log_level(value: Any, where: str) -> LogLevel:
+    text = str(value).upper()
     try:
-        return str(ipaddress.ip_network(value, strict=False))
+        return LogLevel(text)
+    except ValueError:
+        raise ConfigError(
+            f"{where}: {text!r} is not one of {', '.join(level.value for level in LogLevel)}"
+        ) from None
+
+
+def _network(value: str, where: str) -> IPNetwork:
+    try:
+        return ipaddress.ip_network(value, strict=False)
     except ValueError as exc:
         raise ConfigError(f"{where}: {value!r} is not an IP address or CIDR network") from exc
 

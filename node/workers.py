@@ -18,7 +18,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from io import BytesIO
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -39,6 +39,7 @@ from node.codecs.base import CompressResult
 from node.config import Config, DicomDestination, FolderDestination, Rule
 from node.destinations import folder
 from node.fsutil import link_or_copy_durably, makedirs_durably, write_durably
+from node.outcome import Outcome, Status
 from node.rules import Origin, first_match
 from node.spool import (
     IMPLEMENTATION_CLASS_UID,
@@ -62,27 +63,6 @@ META_GROUP_LENGTH = 0x00020000
 _REQUIRED_META = (0x00020001, 0x00020002, 0x00020003, 0x00020010, 0x00020012, 0x00020013)
 _TEXT_VRS = frozenset({"UI", "AE", "SH", "LO", "CS", "UR"})
 _INT_FORMATS = {"US": "<H", "SS": "<h", "UL": "<L", "SL": "<l"}
-
-
-@dataclass
-class Outcome:
-    """What happened to one incoming file; logged by the main process."""
-
-    incoming: str
-    status: str  # delivered | unrouted | quarantined
-    sop_instance_uid: str = ""
-    rule: str = ""
-    transfer_syntax: str = ""
-    compressed: bool = False
-    lossy: bool = False
-    reason: str | None = None
-    notes: list[str] = field(default_factory=list)
-    bytes_in: int = 0
-    bytes_out: int = 0
-    seconds: float = 0.0
-    delivered: list[str] = field(default_factory=list)
-    queued: list[str] = field(default_factory=list)  # pending in a destination's outbox
-    errors: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -316,10 +296,9 @@ def prepare_incoming(config: Config, path_text: str) -> Outcome | Prepared:
     started = time.perf_counter()
     path = Path(path_text)
     spool = Spool(config.node.spool)
-    outcome = Outcome(incoming=path.name, status="delivered", bytes_in=_size(path))
+    outcome = Outcome(incoming=path.name, status=Status.DELIVERED, bytes_in=_size(path))
     if not path.exists():
-        # Already handled (a crash between delivery and unlink, then a re-scan).
-        outcome.status = "gone"
+        outcome.status = Status.GONE
         return outcome
     try:
         # Large values (Pixel Data) are read only if a codec asks for them.
@@ -328,7 +307,7 @@ def prepare_incoming(config: Config, path_text: str) -> Outcome | Prepared:
     except (InvalidDicomError, AttributeError, ValueError, EOFError, OSError, KeyError) as exc:
         reason = f"cannot be read as DICOM: {type(exc).__name__}: {exc}"
         spool.keep_aside(path, spool.quarantine, reason)
-        outcome.status, outcome.reason = "quarantined", reason
+        outcome.status, outcome.reason = Status.QUARANTINED, reason
         return outcome
     outcome.sop_instance_uid = str(ds.SOPInstanceUID)
     origin = Origin.from_file_meta(ds.file_meta)
@@ -339,7 +318,7 @@ def prepare_incoming(config: Config, path_text: str) -> Outcome | Prepared:
             f"calling AE {origin.calling_ae_title!r}, peer {origin.peer_address})"
         )
         spool.keep_aside(path, spool.unrouted, reason)
-        outcome.status, outcome.reason = "unrouted", reason
+        outcome.status, outcome.reason = Status.UNROUTED, reason
         return outcome
     outcome.rule = rule.name
     if rule.compress is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import subprocess
 import sys
 import textwrap
@@ -59,7 +60,7 @@ def test_relative_paths_resolve_against_the_config_folder() -> None:
     assert config.node.spool == Path("/srv/node/spool")
     assert config.destinations["archive"].path == Path("/srv/node/archive")
     assert config.rules[1].compress is None
-    assert config.rules[0].match.peer_networks == ("10.1.0.0/16",)
+    assert config.rules[0].match.peer_networks == (ipaddress.ip_network("10.1.0.0/16"),)
 
 
 @pytest.mark.parametrize(

@@ -22,6 +22,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -74,9 +75,18 @@ class Meta:
     transfer_syntax: UID
 
 
+class Verdict(StrEnum):
+    """What one C-STORE attempt means for the instance in the outbox."""
+
+    DELIVERED = "delivered"
+    TRANSIENT = "transient"  # retried with backoff
+    PERMANENT = "permanent"  # to failed/ now: retrying cannot fix it
+    GAVE_UP = "gave up"  # to failed/: waited past give_up_after
+
+
 @dataclass(frozen=True)
 class StoreResult:
-    verdict: str  # delivered | transient | permanent
+    verdict: Verdict
     error: str = ""
     status: int | None = None
     comment: str = ""
@@ -96,14 +106,16 @@ class AssociationFailed(Exception):
 def judge(rsp: Dataset) -> StoreResult:
     """The C-STORE response's meaning for the outbox (PS3.4 Annex B)."""
     if "Status" not in rsp:
-        return StoreResult("transient", "no C-STORE response (aborted or timed out)", broken=True)
+        return StoreResult(
+            Verdict.TRANSIENT, "no C-STORE response (aborted or timed out)", broken=True
+        )
     status = int(rsp.Status)
     comment = str(rsp.get("ErrorComment", "") or "")
     category = code_to_category(status)
     text = f"status 0x{status:04X} ({category.lower()})" + (f": {comment}" if comment else "")
     if category in ("Success", "Warning"):
-        return StoreResult("delivered", text if status else "", status, comment)
-    verdict = "transient" if _is_transient(status) else "permanent"
+        return StoreResult(Verdict.DELIVERED, text if status else "", status, comment)
+    verdict = Verdict.TRANSIENT if _is_transient(status) else Verdict.PERMANENT
     return StoreResult(verdict, text, status, comment)
 
 
@@ -366,7 +378,7 @@ class DicomRunner:
         """One association: the batch, then whatever else arrives that it can carry."""
         unreadable = [i for i in batch if self._meta(i) is None]
         for item_id in unreadable:
-            self._settle(item_id, StoreResult("permanent", "not a readable DICOM file"))
+            self._settle(item_id, StoreResult(Verdict.PERMANENT, "not a readable DICOM file"))
         batch = [i for i in batch if i not in unreadable]
         if not batch:
             return
@@ -412,7 +424,7 @@ class DicomRunner:
             if self._stopping.is_set() or not assoc.is_established:
                 return False
             result = self._store(assoc, item_id)
-            if result.verdict == "delivered" and self.commitments is not None:
+            if result.verdict is Verdict.DELIVERED and self.commitments is not None:
                 stored[item_id] = self._stored(item_id, result)
                 continue
             self._settle(item_id, result)
@@ -461,13 +473,13 @@ class DicomRunner:
             elif self.dest.fallback == "uncompressed" and uncompressed:
                 rsp = assoc.send_c_store(self._decompressed(path, meta))
             else:
-                return StoreResult("permanent", self._not_accepted(meta, accepted))
+                return StoreResult(Verdict.PERMANENT, self._not_accepted(meta, accepted))
         except (RuntimeError, ConnectionError) as exc:
-            return StoreResult("transient", f"association lost: {exc}", broken=True)
+            return StoreResult(Verdict.TRANSIENT, f"association lost: {exc}", broken=True)
         except OSError as exc:
-            return StoreResult("transient", f"cannot read {path.name}: {exc}")
+            return StoreResult(Verdict.TRANSIENT, f"cannot read {path.name}: {exc}")
         except Exception as exc:  # noqa: BLE001 - decoding errors of every codec
-            return StoreResult("permanent", f"cannot decompress for the peer: {exc}")
+            return StoreResult(Verdict.PERMANENT, f"cannot decompress for the peer: {exc}")
         return judge(rsp)
 
     def _decompressed(self, path: Path, meta: Meta) -> Dataset:
@@ -498,7 +510,7 @@ class DicomRunner:
     def _settle(self, item_id: str, result: StoreResult) -> None:
         meta = self._metas.get(item_id)
         uid = str(meta.sop_instance) if meta else ""
-        if result.verdict == "delivered":
+        if result.verdict is Verdict.DELIVERED:
             if result.status:
                 log.info("%s: %s delivered with %s", self.dest.name, uid, result.error)
             else:
@@ -506,14 +518,14 @@ class DicomRunner:
             self.scheduler.delivered(item_id)
             self._forget(item_id)
             return
-        if result.verdict == "transient" and self.scheduler.transient(item_id, result.error):
+        if result.verdict is Verdict.TRANSIENT and self.scheduler.transient(item_id, result.error):
             log.warning("%s: %s not delivered, will retry: %s", self.dest.name, uid, result.error)
             return
         failure = Failure(
             error=result.error,
             status=result.status,
             error_comment=result.comment,
-            permanent=result.verdict == "permanent",
+            permanent=result.verdict is Verdict.PERMANENT,
         )
         log.error("%s: %s moved to failed/: %s", self.dest.name, uid, result.error)
         self.scheduler.fail(item_id, failure, uid)
@@ -595,7 +607,7 @@ class DicomRunner:
         if not self.outbox.pending_path(item_id).exists():
             return  # removed meanwhile (e.g. by an operator)
         self._meta(item_id)
-        self._settle(item_id, StoreResult("transient", reason))
+        self._settle(item_id, StoreResult(Verdict.TRANSIENT, reason))
         self.waker.notify()
 
     # ---------------------------------------------------------------- the peer
@@ -636,13 +648,15 @@ class DicomRunner:
             for item_id in batch:
                 meta = self._meta(item_id)
                 assert meta is not None  # unreadable files never reach an association
-                self._settle(item_id, StoreResult("permanent", self._not_accepted(meta, set())))
+                self._settle(
+                    item_id, StoreResult(Verdict.PERMANENT, self._not_accepted(meta, set()))
+                )
             return
         if exc.permanent:
             # The peer will not talk to us as configured (e.g. called AE title not
             # recognised); waiting will not change that, the operator must.
             for item_id in batch:
-                self._settle(item_id, StoreResult("permanent", str(exc)))
+                self._settle(item_id, StoreResult(Verdict.PERMANENT, str(exc)))
             return
         self._peer_failed(str(exc))
         self._give_up_overdue(batch)
@@ -669,7 +683,7 @@ class DicomRunner:
         try:
             for item_id in [i for i in batch if overdue(i)] + others:
                 self._meta(item_id)
-                self._settle(item_id, StoreResult("gave up", reason))
+                self._settle(item_id, StoreResult(Verdict.GAVE_UP, reason))
         finally:
             self.scheduler.release(others)
 
