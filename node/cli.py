@@ -119,8 +119,26 @@ def _codecs(args: argparse.Namespace) -> int:
 
 def _check_config(args: argparse.Namespace) -> int:
     config = load_config(args.path)
+    _check_encoders(config)
     print(describe(config))
     return 0
+
+
+def _check_encoders(config: Config) -> None:
+    """What loading leaves to the workers: is an encoder for each rule installed here?
+
+    Loading checks each ``compress:`` block's syntax and parameters, and the encoder a
+    rule names; this also asks the codecs for the rules that name none, so that
+    ``check-config`` rejects every rule the workers would. (The node itself does not:
+    it would import every encoder package into the receiving process.)
+    """
+    from node.codecs.spec import spec_problem
+    from node.config import spec_error
+
+    for i, rule in enumerate(config.rules):
+        problem = None if rule.compress is None else spec_problem(rule.compress)
+        if problem is not None:
+            raise ConfigError(spec_error(problem, f"rules[{i}].compress"))
 
 
 def _queue(args: argparse.Namespace) -> int:

@@ -2,6 +2,13 @@
 
 Every error names the exact place in the file (``rules[2].compress.transfer_syntax``)
 so that an operator can fix it without reading code.
+
+The dataclasses below are the schema: the keys a section accepts, their defaults and
+the node settings that only a restart applies are read from their fields (a field's
+``metadata`` gives its YAML ``key`` where that differs from the field name,
+``internal`` for fields that are not keys, ``restart`` for settings a reload cannot
+change). A ``compress:`` block is checked by the codecs' own
+:func:`node.codecs.spec.parameter_problem`.
 """
 
 from __future__ import annotations
@@ -11,7 +18,7 @@ import ipaddress
 import logging
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal
@@ -21,13 +28,14 @@ from pydicom.datadict import keyword_dict
 from pydicom.uid import UID
 
 from node.codecs.base import CompressSpec
+from node.codecs.spec import SpecProblem, parameter_problem
 from node.codecs.syntaxes import known_names, lookup_syntax
 from node.errors import ConfigError
 
 DEFAULT_MAX_PDU = 1_048_576
 AE_TITLE_MAX = 16
-# Keys of ``match`` that describe the association rather than the dataset.
-ASSOCIATION_KEYS = ("calling_ae_title", "called_ae_title", "peer_address")
+INTERNAL = {"internal": True}  # a field that is not a YAML key
+RESTART = {"restart": True}  # a node setting that a reload cannot change
 
 
 # --------------------------------------------------------------------------- types
@@ -60,7 +68,7 @@ class RetryPolicy:
 
 @dataclass(frozen=True)
 class FolderDestination:
-    name: str
+    name: str = field(metadata=INTERNAL)
     path: Path
     layout: str = "{PatientID}/{StudyInstanceUID}/{SeriesInstanceUID}/{SOPInstanceUID}.dcm"
     type: Literal["folder"] = "folder"
@@ -77,7 +85,7 @@ class ClientTls:
 
 @dataclass(frozen=True)
 class DicomDestination:
-    name: str
+    name: str = field(metadata=INTERNAL)
     host: str
     port: int
     ae_title: str
@@ -102,10 +110,11 @@ Destination = FolderDestination | DicomDestination
 class Match:
     """AND of conditions; each condition's patterns are OR'ed (globs for strings)."""
 
-    attributes: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    # DICOM keyword -> patterns; any keyword of the data dictionary is a key.
+    attributes: tuple[tuple[str, tuple[str, ...]], ...] = field(default=(), metadata=INTERNAL)
     calling_ae_title: tuple[str, ...] = ()
     called_ae_title: tuple[str, ...] = ()
-    peer_networks: tuple[IPNetwork, ...] = ()
+    peer_networks: tuple[IPNetwork, ...] = field(default=(), metadata={"key": "peer_address"})
 
 
 @dataclass(frozen=True)
@@ -121,7 +130,7 @@ class AllowEntry:
     """Callers that may associate: every condition given must hold (globs, networks)."""
 
     calling_ae_title: tuple[str, ...] = ()
-    peer_networks: tuple[IPNetwork, ...] = ()
+    peer_networks: tuple[IPNetwork, ...] = field(default=(), metadata={"key": "peer_address"})
 
 
 @dataclass(frozen=True)
@@ -142,19 +151,20 @@ class MetricsSettings:
 
 @dataclass(frozen=True)
 class NodeSettings:
-    ae_title: str = "DICOM-NODE"
-    host: str = "0.0.0.0"
-    port: int | None = 11112  # None: no plain port (TLS only)
-    spool: Path = Path("dicom-node-data/spool")
-    workers: int = 0  # 0 = one per CPU
-    max_pdu: int = DEFAULT_MAX_PDU
+    ae_title: str = field(default="DICOM-NODE", metadata=RESTART)
+    host: str = field(default="0.0.0.0", metadata=RESTART)
+    # None: no plain port (TLS only)
+    port: int | None = field(default=11112, metadata=RESTART)
+    spool: Path = field(default=Path("dicom-node-data/spool"), metadata=RESTART)
+    workers: int = field(default=0, metadata=RESTART)  # 0 (``auto``) = one per CPU
+    max_pdu: int = field(default=DEFAULT_MAX_PDU, metadata=RESTART)
     max_associations: int = 32
     log_level: LogLevel = LogLevel.INFO
-    log_format: Literal["text", "json"] = "text"
+    log_format: Literal["text", "json"] = field(default="text", metadata=RESTART)
     allow: tuple[AllowEntry, ...] = ()  # empty: any caller
     require_called_ae_title: bool = False
-    tls: TlsSettings | None = None
-    metrics: MetricsSettings | None = None
+    tls: TlsSettings | None = field(default=None, metadata=RESTART)
+    metrics: MetricsSettings | None = field(default=None, metadata=RESTART)
     acse_timeout: float = 30.0
     dimse_timeout: float = 60.0
     network_timeout: float = 60.0
@@ -171,7 +181,33 @@ class Config:
     node: NodeSettings
     destinations: dict[str, Destination]
     rules: tuple[Rule, ...]
-    source: str = "<embedded default>"
+    source: str = field(default="<embedded default>", metadata=INTERNAL)
+
+
+def yaml_keys(cls: type) -> tuple[str, ...]:
+    """The keys a config section of dataclass ``cls`` accepts, in field order."""
+    return tuple(
+        f.metadata.get("key", f.name) for f in fields(cls) if not f.metadata.get("internal")
+    )
+
+
+def defaults(cls: type) -> dict[str, Any]:
+    """Field name -> default value, for the fields of ``cls`` that have one."""
+    out: dict[str, Any] = {}
+    for f in fields(cls):
+        if f.default is not MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not MISSING:
+            out[f.name] = f.default_factory()
+    return out
+
+
+# Node settings that need a new socket or process: a reload logs them as waiting.
+RESTART_ONLY = tuple(f.name for f in fields(NodeSettings) if f.metadata.get("restart"))
+# Keys of ``match`` that describe the association rather than the dataset.
+ASSOCIATION_KEYS = yaml_keys(Match)
+# Keys of a rule that are not fields of Rule: a default for its ``compress:`` block.
+RULE_SHORTCUTS = ("new_uid_on_lossy",)
 
 
 # --------------------------------------------------------------------------- loading
@@ -201,7 +237,7 @@ def parse_config(text: str, base_dir: Path, source: str = "<string>") -> Config:
     if raw is None:
         raw = {}
     _expect_mapping(raw, "(top level)")
-    _reject_unknown(raw, "(top level)", ("node", "destinations", "rules"))
+    _reject_unknown(raw, "(top level)", yaml_keys(Config))
     node = _parse_node(raw.get("node") or {}, base_dir)
     destinations = _parse_destinations(raw.get("destinations") or {}, base_dir, node)
     rules = _parse_rules(raw.get("rules"), destinations)
@@ -214,75 +250,51 @@ def parse_config(text: str, base_dir: Path, source: str = "<string>") -> Config:
 def _parse_node(raw: Any, base_dir: Path) -> NodeSettings:
     where = "node"
     _expect_mapping(raw, where)
-    _reject_unknown(
-        raw,
-        where,
-        (
-            "ae_title",
-            "host",
-            "port",
-            "spool",
-            "workers",
-            "max_pdu",
-            "max_associations",
-            "log_level",
-            "log_format",
-            "allow",
-            "require_called_ae_title",
-            "tls",
-            "metrics",
-            "acse_timeout",
-            "dimse_timeout",
-            "network_timeout",
-            "min_free_space",
-            "max_dataset_size",
-        ),
-    )
-    defaults = NodeSettings()
+    _reject_unknown(raw, where, yaml_keys(NodeSettings))
+    d = NodeSettings()
     workers_raw = raw.get("workers", "auto")
     if workers_raw == "auto":
         workers = 0
     else:
         workers = _int(workers_raw, f"{where}.workers", minimum=1, hint="or 'auto'")
-    log_level = _log_level(raw.get("log_level", defaults.log_level), f"{where}.log_level")
-    log_format = raw.get("log_format", defaults.log_format)
+    log_level = _log_level(raw.get("log_level", d.log_level), f"{where}.log_level")
+    log_format = raw.get("log_format", d.log_format)
     if log_format not in ("text", "json"):
         raise ConfigError(f"{where}.log_format: {log_format!r} is not one of text, json")
     tls = _parse_tls(raw["tls"], f"{where}.tls", base_dir) if raw.get("tls") else None
-    port = raw.get("port", defaults.port)
+    port = raw.get("port", d.port)
     if port is None and tls is None:
         raise ConfigError(f"{where}.port: may be null (no plain port) only when {where}.tls is set")
     return NodeSettings(
-        ae_title=_ae_title(raw.get("ae_title", defaults.ae_title), f"{where}.ae_title"),
-        host=_host(raw.get("host", defaults.host), f"{where}.host"),
+        ae_title=_ae_title(raw.get("ae_title", d.ae_title), f"{where}.ae_title"),
+        host=_host(raw.get("host", d.host), f"{where}.host"),
         port=None if port is None else _port(port, f"{where}.port"),
         log_format=log_format,
         allow=_parse_allow(raw.get("allow"), f"{where}.allow"),
         require_called_ae_title=_bool(
-            raw.get("require_called_ae_title", False), f"{where}.require_called_ae_title"
+            raw.get("require_called_ae_title", d.require_called_ae_title),
+            f"{where}.require_called_ae_title",
         ),
         tls=tls,
         metrics=_parse_metrics(raw["metrics"], f"{where}.metrics") if raw.get("metrics") else None,
-        acse_timeout=_duration(
-            raw.get("acse_timeout", defaults.acse_timeout), f"{where}.acse_timeout"
-        ),
+        acse_timeout=_duration(raw.get("acse_timeout", d.acse_timeout), f"{where}.acse_timeout"),
         dimse_timeout=_duration(
-            raw.get("dimse_timeout", defaults.dimse_timeout), f"{where}.dimse_timeout"
+            raw.get("dimse_timeout", d.dimse_timeout), f"{where}.dimse_timeout"
         ),
         network_timeout=_duration(
-            raw.get("network_timeout", defaults.network_timeout), f"{where}.network_timeout"
+            raw.get("network_timeout", d.network_timeout), f"{where}.network_timeout"
         ),
         min_free_space=_bytes(
-            raw.get("min_free_space", defaults.min_free_space), f"{where}.min_free_space"
+            raw.get("min_free_space", d.min_free_space), f"{where}.min_free_space"
         ),
         max_dataset_size=_bytes(
-            raw.get("max_dataset_size", defaults.max_dataset_size), f"{where}.max_dataset_size"
+            raw.get("max_dataset_size", d.max_dataset_size), f"{where}.max_dataset_size"
         ),
-        spool=_path(raw.get("spool", str(defaults.spool)), f"{where}.spool", base_dir),
+        spool=_path(raw.get("spool", str(d.spool)), f"{where}.spool", base_dir),
         workers=workers,
-        max_pdu=_int(raw.get("max_pdu", defaults.max_pdu), f"{where}.max_pdu", minimum=4096),
+        max_pdu=_int(raw.get("max_pdu", d.max_pdu), f"{where}.max_pdu", minimum=4096),
         max_associations=_int(
-            raw.get("max_associations", defaults.max_associations),
+            raw.get("max_associations", d.max_associations),
             f"{where}.max_associations",
             minimum=1,
         ),
@@ -301,7 +313,7 @@ def _parse_allow(raw: Any, where: str) -> tuple[AllowEntry, ...]:
     for i, body in enumerate(raw):
         place = f"{where}[{i}]"
         _expect_mapping(body, place)
-        _reject_unknown(body, place, ("calling_ae_title", "peer_address"))
+        _reject_unknown(body, place, yaml_keys(AllowEntry))
         if not body:
             raise ConfigError(f"{place}: name a calling_ae_title, a peer_address, or both")
         titles = (
@@ -323,7 +335,7 @@ def _parse_allow(raw: Any, where: str) -> tuple[AllowEntry, ...]:
 
 def _parse_tls(raw: Any, where: str, base_dir: Path) -> TlsSettings:
     _expect_mapping(raw, where)
-    _reject_unknown(raw, where, ("port", "certificate", "private_key", "client_ca"))
+    _reject_unknown(raw, where, yaml_keys(TlsSettings))
     for key in ("port", "certificate", "private_key"):
         if key not in raw:
             raise ConfigError(f"{where}.{key}: required for DICOM TLS")
@@ -340,11 +352,11 @@ def _parse_tls(raw: Any, where: str, base_dir: Path) -> TlsSettings:
 
 def _parse_metrics(raw: Any, where: str) -> MetricsSettings:
     _expect_mapping(raw, where)
-    _reject_unknown(raw, where, ("host", "port"))
-    defaults = MetricsSettings()
+    _reject_unknown(raw, where, yaml_keys(MetricsSettings))
+    d = MetricsSettings()
     return MetricsSettings(
-        host=_host(raw.get("host", defaults.host), f"{where}.host"),
-        port=_port(raw.get("port", defaults.port), f"{where}.port"),
+        host=_host(raw.get("host", d.host), f"{where}.host"),
+        port=_port(raw.get("port", d.port), f"{where}.port"),
     )
 
 
@@ -371,10 +383,10 @@ def _parse_destinations(raw: Any, base_dir: Path, node: NodeSettings) -> dict[st
 
 
 def _parse_folder(name: str, body: dict[str, Any], where: str, base_dir: Path) -> FolderDestination:
-    _reject_unknown(body, where, ("type", "path", "layout"))
+    _reject_unknown(body, where, yaml_keys(FolderDestination))
     if "path" not in body:
         raise ConfigError(f"{where}.path: required for a folder destination")
-    layout = body.get("layout", FolderDestination.layout)
+    layout = body.get("layout", defaults(FolderDestination)["layout"])
     _validate_layout(layout, f"{where}.layout")
     return FolderDestination(
         name=name, path=_path(body["path"], f"{where}.path", base_dir), layout=layout
@@ -384,30 +396,12 @@ def _parse_folder(name: str, body: dict[str, Any], where: str, base_dir: Path) -
 def _parse_dicom(
     name: str, body: dict[str, Any], where: str, node: NodeSettings, base_dir: Path
 ) -> DicomDestination:
-    _reject_unknown(
-        body,
-        where,
-        (
-            "type",
-            "host",
-            "port",
-            "ae_title",
-            "calling_ae_title",
-            "max_associations",
-            "instances_per_association",
-            "fallback",
-            "retry",
-            "storage_commitment",
-            "commitment_timeout",
-            "timeout",
-            "max_pdu",
-            "tls",
-        ),
-    )
+    _reject_unknown(body, where, yaml_keys(DicomDestination))
+    d = defaults(DicomDestination)
     for key in ("host", "port", "ae_title"):
         if key not in body:
             raise ConfigError(f"{where}.{key}: required for a dicom destination")
-    fallback = body.get("fallback", "uncompressed")
+    fallback = body.get("fallback", d["fallback"])
     if fallback not in ("uncompressed", "fail"):
         raise ConfigError(f"{where}.fallback: {fallback!r} is not one of uncompressed, fail")
     return DicomDestination(
@@ -418,27 +412,31 @@ def _parse_dicom(
         calling_ae_title=_ae_title(
             body.get("calling_ae_title", node.ae_title), f"{where}.calling_ae_title"
         ),
-        max_associations=_int(body.get("max_associations", 1), f"{where}.max_associations", 1),
+        max_associations=_int(
+            body.get("max_associations", d["max_associations"]), f"{where}.max_associations", 1
+        ),
         instances_per_association=_int(
-            body.get("instances_per_association", 500), f"{where}.instances_per_association", 1
+            body.get("instances_per_association", d["instances_per_association"]),
+            f"{where}.instances_per_association",
+            1,
         ),
         fallback=fallback,
         retry=_parse_retry(body.get("retry") or {}, f"{where}.retry"),
         storage_commitment=_bool(
-            body.get("storage_commitment", False), f"{where}.storage_commitment"
+            body.get("storage_commitment", d["storage_commitment"]), f"{where}.storage_commitment"
         ),
         commitment_timeout=_duration(
-            body.get("commitment_timeout", 3600), f"{where}.commitment_timeout"
+            body.get("commitment_timeout", d["commitment_timeout"]), f"{where}.commitment_timeout"
         ),
-        timeout=_duration(body.get("timeout", 30), f"{where}.timeout"),
-        max_pdu=_int(body.get("max_pdu", DEFAULT_MAX_PDU), f"{where}.max_pdu", minimum=4096),
+        timeout=_duration(body.get("timeout", d["timeout"]), f"{where}.timeout"),
+        max_pdu=_int(body.get("max_pdu", d["max_pdu"]), f"{where}.max_pdu", minimum=4096),
         tls=_parse_client_tls(body["tls"], f"{where}.tls", base_dir) if body.get("tls") else None,
     )
 
 
 def _parse_client_tls(raw: Any, where: str, base_dir: Path) -> ClientTls:
     _expect_mapping(raw, where)
-    _reject_unknown(raw, where, ("ca", "certificate", "private_key"))
+    _reject_unknown(raw, where, yaml_keys(ClientTls))
     if "ca" not in raw:
         raise ConfigError(
             f"{where}.ca: required: the CA certificate(s) that signed the peer's certificate"
@@ -458,7 +456,7 @@ def _existing_file(value: Any, where: str, base_dir: Path) -> Path:
 
 def _parse_retry(raw: Any, where: str) -> RetryPolicy:
     _expect_mapping(raw, where)
-    _reject_unknown(raw, where, ("initial", "max", "give_up_after", "multiplier"))
+    _reject_unknown(raw, where, yaml_keys(RetryPolicy))
     d = RetryPolicy()
     policy = RetryPolicy(
         initial=_duration(raw.get("initial", d.initial), f"{where}.initial"),
@@ -485,12 +483,15 @@ def _parse_rules(raw: Any, destinations: dict[str, Destination]) -> tuple[Rule, 
     for index, body in enumerate(raw):
         where = f"rules[{index}]"
         _expect_mapping(body, where)
-        _reject_unknown(body, where, ("name", "match", "compress", "send_to", "new_uid_on_lossy"))
+        _reject_unknown(body, where, yaml_keys(Rule) + RULE_SHORTCUTS)
         name = str(body.get("name", f"rule-{index}"))
         if name in names:
             raise ConfigError(f"{where}.name: {name!r} is used by an earlier rule")
         names.add(name)
-        new_uid_default = _bool(body.get("new_uid_on_lossy", True), f"{where}.new_uid_on_lossy")
+        new_uid_default = _bool(
+            body.get("new_uid_on_lossy", _COMPRESS_DEFAULTS["new_uid_on_lossy"]),
+            f"{where}.new_uid_on_lossy",
+        )
         rules.append(
             Rule(
                 name=name,
@@ -530,25 +531,16 @@ def _parse_match(raw: Any, where: str) -> Match:
     return Match(tuple(attributes), calling, called, networks)
 
 
+_COMPRESS_DEFAULTS = defaults(CompressSpec)
+# The encoder parameters a syntax may take (SyntaxInfo.parameters names them).
+_ENCODER_PARAMETERS = ("max_error", "compression_ratio", "psnr", "quality")
+
+
 def _parse_compress(raw: Any, where: str, new_uid_default: bool) -> CompressSpec | None:
     if raw is None:
         return None
     _expect_mapping(raw, where)
-    _reject_unknown(
-        raw,
-        where,
-        (
-            "transfer_syntax",
-            "plugin",
-            "max_error",
-            "compression_ratio",
-            "psnr",
-            "quality",
-            "new_uid_on_lossy",
-            "verify",
-            "allow_lossy_recompression",
-        ),
-    )
+    _reject_unknown(raw, where, yaml_keys(CompressSpec))
     if "transfer_syntax" not in raw:
         raise ConfigError(f"{where}.transfer_syntax: required; known: {', '.join(known_names())}")
     info = lookup_syntax(str(raw["transfer_syntax"]))
@@ -557,55 +549,57 @@ def _parse_compress(raw: Any, where: str, new_uid_default: bool) -> CompressSpec
             f"{where}.transfer_syntax: {raw['transfer_syntax']!r} is not a known transfer syntax; "
             f"known: {', '.join(known_names())}"
         )
-    for param in ("max_error", "compression_ratio", "psnr", "quality"):
+    for param in _ENCODER_PARAMETERS:
         if param in raw and param not in info.parameters:
             allowed = ", ".join(info.parameters) or "none"
             raise ConfigError(
                 f"{where}.{param}: not a parameter of {info.name} (its parameters: {allowed})"
             )
-    max_error = compression_ratio = psnr = None
-    if "max_error" in info.parameters:
-        if "max_error" not in raw:
-            raise ConfigError(f"{where}.max_error: required for {info.name} (e.g. 2)")
-        max_error = _int(raw["max_error"], f"{where}.max_error", minimum=0, maximum=255)
-    if "compression_ratio" in info.parameters:
-        if ("compression_ratio" in raw) == ("psnr" in raw):
-            raise ConfigError(f"{where}: {info.name} needs exactly one of compression_ratio, psnr")
-        if "compression_ratio" in raw:
-            compression_ratio = _number(raw["compression_ratio"], f"{where}.compression_ratio", 1.0)
-        else:
-            psnr = _number(raw["psnr"], f"{where}.psnr", minimum=1.0)
-    quality = None
-    if "quality" in raw:  # jpeg-baseline; the codec's default (90) otherwise
-        quality = _int(raw["quality"], f"{where}.quality", minimum=1, maximum=100)
+    if "max_error" in info.parameters and "max_error" not in raw:
+        raise ConfigError(f"{where}.max_error: required for {info.name} (e.g. 2)")
+    if "compression_ratio" in info.parameters and ("compression_ratio" in raw) == ("psnr" in raw):
+        raise ConfigError(f"{where}: {info.name} needs exactly one of compression_ratio, psnr")
     plugin = raw.get("plugin")
-    if plugin is not None:
-        plugin = str(plugin)
-        problem = _plugin_problem(info.uid, plugin)
-        if problem:
-            raise ConfigError(f"{where}.plugin: {problem}")
-    return CompressSpec(
+    spec = CompressSpec(
         transfer_syntax=UID(info.uid),
-        plugin=plugin,
-        max_error=max_error,
-        compression_ratio=compression_ratio,
-        psnr=psnr,
-        quality=quality,
+        plugin=None if plugin is None else str(plugin),
+        max_error=_optional(raw, "max_error", _int, where),
+        compression_ratio=_optional(raw, "compression_ratio", _number, where),
+        psnr=_optional(raw, "psnr", _number, where),
+        quality=_optional(raw, "quality", _int, where),
         new_uid_on_lossy=_bool(
             raw.get("new_uid_on_lossy", new_uid_default), f"{where}.new_uid_on_lossy"
         ),
-        verify_lossless=_bool(raw.get("verify", False), f"{where}.verify"),
-        allow_lossy_recompression=_bool(
-            raw.get("allow_lossy_recompression", False), f"{where}.allow_lossy_recompression"
+        verify_lossless=_bool(
+            raw.get("verify", _COMPRESS_DEFAULTS["verify_lossless"]), f"{where}.verify"
         ),
+        allow_lossy_recompression=_bool(
+            raw.get("allow_lossy_recompression", _COMPRESS_DEFAULTS["allow_lossy_recompression"]),
+            f"{where}.allow_lossy_recompression",
+        ),
+    )
+    problem = parameter_problem(spec) or (_plugin_problem(spec) if spec.plugin else None)
+    if problem is not None:
+        raise ConfigError(spec_error(problem, where))
+    return spec
+
+
+def spec_error(problem: SpecProblem, where: str) -> str:
+    """A codec's objection to a ``compress:`` block at ``where``, as a config error."""
+    return (
+        f"{where}.{problem.key}: {problem.detail}" if problem.key else f"{where}: {problem.detail}"
     )
 
 
-def _plugin_problem(uid: UID, plugin: str) -> str | None:
-    # Imported late: the codec registry imports the encoder packages.
-    from node.codecs import check_plugin
+def _optional(raw: dict[str, Any], key: str, parse: Any, where: str) -> Any:
+    return parse(raw[key], f"{where}.{key}") if key in raw else None
 
-    return check_plugin(uid, plugin)
+
+def _plugin_problem(spec: CompressSpec) -> SpecProblem | None:
+    # Imported late: finding out which encoders are installed imports them.
+    from node.codecs.spec import encoder_problem
+
+    return encoder_problem(spec)
 
 
 def _parse_send_to(raw: Any, where: str, destinations: dict[str, Destination]) -> tuple[str, ...]:

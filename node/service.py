@@ -14,7 +14,7 @@ from pathlib import Path
 from pydicom.dataset import Dataset
 from pynetdicom import AE
 
-from node.config import Config, load_config
+from node.config import RESTART_ONLY, Config, load_config
 from node.destinations import Runner, start_runners
 from node.destinations.commitment import INVALID_ARGUMENT, transaction_uid
 from node.errors import ConfigError, StartupError
@@ -188,21 +188,10 @@ class Node:
     def _keep_listening_settings(self, config: Config) -> Config:
         """Node settings that a running process cannot change stay as they are."""
         old, new = self.config.node, config.node
-        fixed = (
-            "ae_title",
-            "host",
-            "port",
-            "spool",
-            "workers",
-            "max_pdu",
-            "tls",
-            "metrics",
-            "log_format",
-        )
-        changed = [f for f in fixed if getattr(old, f) != getattr(new, f)]
+        changed = [f for f in RESTART_ONLY if getattr(old, f) != getattr(new, f)]
         if changed:
             log.warning("reload: node.%s take effect at the next restart", ", node.".join(changed))
-        return replace(config, node=replace(new, **{f: getattr(old, f) for f in fixed}))
+        return replace(config, node=replace(new, **{f: getattr(old, f) for f in RESTART_ONLY}))
 
     def status_line(self) -> str:
         return f"{self.pipeline.backlog()} instance(s) waiting for workers"
