@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING
 
 from node import __version__
 from node.allocator import keep_large_buffers
-from node.config import Config, DicomDestination, FolderDestination, LogLevel, load_config
+from node.config import Config, LogLevel, load_config
+from node.destinations import DestinationSettings, type_of
 from node.errors import ConfigError, NodeError
 
 if TYPE_CHECKING:
@@ -155,7 +156,7 @@ def _queue(args: argparse.Namespace) -> int:
     return 0
 
 
-def _describe_outbox(name: str, dest: DicomDestination | FolderDestination, outbox: Outbox) -> str:
+def _describe_outbox(name: str, dest: DestinationSettings, outbox: Outbox) -> str:
     import time
 
     from node.outbox import sop_instance_uid_of
@@ -164,11 +165,7 @@ def _describe_outbox(name: str, dest: DicomDestination | FolderDestination, outb
     pending = outbox.list_pending()
     retrying = [p for p in pending if p.state.attempts]
     failed = outbox.list_failed()
-    where = (
-        f"dicom {dest.ae_title}@{dest.host}:{dest.port}"
-        if isinstance(dest, DicomDestination)
-        else f"folder {dest.path}"
-    )
+    where = type_of(dest).summary(dest)
     lines = [
         f"{name} ({where}): {len(pending) - len(retrying)} pending, {len(retrying)} retrying, "
         f"{len(failed)} failed"
@@ -231,30 +228,13 @@ def _queue_retry(args: argparse.Namespace) -> int:
 
 
 def _echo(args: argparse.Namespace) -> int:
-    from node.destinations.dicom import echo
-    from node.scp import ACCEPTED_TRANSFER_SYNTAXES
-
     config = load_config(args.config)
     dest = _destination(config, args.destination)
-    if not isinstance(dest, DicomDestination):
-        raise ConfigError(f"destinations.{args.destination}: a folder destination cannot be echoed")
-    report = echo(dest, args.sop_class, ACCEPTED_TRANSFER_SYNTAXES)
-    sop = report.sop_class
-    print(
-        f"{args.destination}: C-ECHO to {dest.ae_title}@{dest.host}:{dest.port} succeeded "
-        f"in {report.seconds * 1000:.0f} ms"
-    )
-    if not report.accepted:
-        print(f"  {sop.name} ({sop}): not accepted with any transfer syntax")
-        return 0
-    print(f"  {sop.name} ({sop}) accepted as:")
-    print("\n".join(f"    {ts} {ts.name}" for ts in report.accepted))
-    if report.refused:
-        print("  not accepted: " + ", ".join(ts.name for ts in report.refused))
+    print(type_of(dest).echo(dest, args.sop_class))
     return 0
 
 
-def _destination(config: Config, name: str) -> DicomDestination | FolderDestination:
+def _destination(config: Config, name: str) -> DestinationSettings:
     if name not in config.destinations:
         raise ConfigError(
             f"{name!r} is not a destination of {config.source}; defined: "
@@ -273,13 +253,7 @@ def describe(config: Config) -> str:
         "destinations:",
     ]
     for name, dest in config.destinations.items():
-        if isinstance(dest, FolderDestination):
-            lines.append(f"  {name}: folder {dest.path} layout {dest.layout}")
-        elif isinstance(dest, DicomDestination):
-            lines.append(
-                f"  {name}: dicom {dest.ae_title}@{dest.host}:{dest.port} "
-                f"(as {dest.calling_ae_title}, fallback {dest.fallback})"
-            )
+        lines.append(f"  {name}: {type_of(dest).describe(dest)}")
     lines.append("rules (first match wins):")
     for i, rule in enumerate(config.rules):
         conditions = [f"{k} in {list(v)}" for k, v in rule.match.attributes]

@@ -128,9 +128,9 @@ class Node:
         """Route a Storage Commitment report to the destination that owns its transaction."""
         uid = transaction_uid(info)
         for runner in list(self.runners.values()):
-            commitments = getattr(runner, "commitments", None)
-            if commitments is not None and commitments.knows(uid):
-                return commitments.report(event_type, info)
+            status = runner.commitment_report(uid, event_type, info)
+            if status is not None:
+                return status
         log.warning("storage commitment report for unknown transaction %r ignored", uid)
         return INVALID_ARGUMENT
 

@@ -36,8 +36,8 @@ from pydicom.uid import UID
 from node.allocator import keep_large_buffers, release_free_memory
 from node.codecs import compress_dataset, passthrough
 from node.codecs.base import CompressResult
-from node.config import Config, DicomDestination, FolderDestination, Rule
-from node.destinations import folder
+from node.config import Config, Rule
+from node.destinations import CannotDeliver, type_of
 from node.fsutil import link_or_copy_durably, makedirs_durably, write_durably
 from node.outcome import Outcome, Status
 from node.rules import Origin, first_match
@@ -381,17 +381,12 @@ def _hand_over(
 
     for name in rule.send_to:
         dest = config.destinations[name]
-        if isinstance(dest, FolderDestination):
-            try:
-                target = folder.target_path(dest, ds)
-                makedirs_durably(target.parent)
-                put(target)
+        try:
+            if type_of(dest).deliver(dest, ds, put):
                 outcome.delivered.append(name)
                 continue
-            except (OSError, folder.UnsafePathError) as exc:
-                outcome.errors.append(f"{name}: {exc}; queued for retry")
-        elif not isinstance(dest, DicomDestination):
-            raise TypeError(f"unknown destination type {type(dest).__name__}")
+        except (OSError, CannotDeliver) as exc:
+            outcome.errors.append(f"{name}: {exc}; queued for retry")
         pending = spool.pending_dir(name)
         makedirs_durably(pending)
         put(pending / incoming.name)
