@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING
 
 from node import __version__
 from node.allocator import keep_large_buffers
-from node.config import Config, DicomDestination, FolderDestination, load_config
+from node.config import Config, LogLevel, load_config
+from node.destinations import DestinationSettings, type_of
 from node.errors import ConfigError, NodeError
 
 if TYPE_CHECKING:
@@ -119,8 +120,26 @@ def _codecs(args: argparse.Namespace) -> int:
 
 def _check_config(args: argparse.Namespace) -> int:
     config = load_config(args.path)
+    _check_encoders(config)
     print(describe(config))
     return 0
+
+
+def _check_encoders(config: Config) -> None:
+    """What loading leaves to the workers: is an encoder for each rule installed here?
+
+    Loading checks each ``compress:`` block's syntax and parameters, and the encoder a
+    rule names; this also asks the codecs for the rules that name none, so that
+    ``check-config`` rejects every rule the workers would. (The node itself does not:
+    it would import every encoder package into the receiving process.)
+    """
+    from node.codecs.spec import spec_problem
+    from node.config import spec_error
+
+    for i, rule in enumerate(config.rules):
+        problem = None if rule.compress is None else spec_problem(rule.compress)
+        if problem is not None:
+            raise ConfigError(spec_error(problem, f"rules[{i}].compress"))
 
 
 def _queue(args: argparse.Namespace) -> int:
@@ -137,7 +156,7 @@ def _queue(args: argparse.Namespace) -> int:
     return 0
 
 
-def _describe_outbox(name: str, dest: DicomDestination | FolderDestination, outbox: Outbox) -> str:
+def _describe_outbox(name: str, dest: DestinationSettings, outbox: Outbox) -> str:
     import time
 
     from node.outbox import sop_instance_uid_of
@@ -146,11 +165,7 @@ def _describe_outbox(name: str, dest: DicomDestination | FolderDestination, outb
     pending = outbox.list_pending()
     retrying = [p for p in pending if p.state.attempts]
     failed = outbox.list_failed()
-    where = (
-        f"dicom {dest.ae_title}@{dest.host}:{dest.port}"
-        if isinstance(dest, DicomDestination)
-        else f"folder {dest.path}"
-    )
+    where = type_of(dest).summary(dest)
     lines = [
         f"{name} ({where}): {len(pending) - len(retrying)} pending, {len(retrying)} retrying, "
         f"{len(failed)} failed"
@@ -213,30 +228,13 @@ def _queue_retry(args: argparse.Namespace) -> int:
 
 
 def _echo(args: argparse.Namespace) -> int:
-    from node.destinations.dicom import echo
-    from node.scp import ACCEPTED_TRANSFER_SYNTAXES
-
     config = load_config(args.config)
     dest = _destination(config, args.destination)
-    if not isinstance(dest, DicomDestination):
-        raise ConfigError(f"destinations.{args.destination}: a folder destination cannot be echoed")
-    report = echo(dest, args.sop_class, ACCEPTED_TRANSFER_SYNTAXES)
-    sop = report.sop_class
-    print(
-        f"{args.destination}: C-ECHO to {dest.ae_title}@{dest.host}:{dest.port} succeeded "
-        f"in {report.seconds * 1000:.0f} ms"
-    )
-    if not report.accepted:
-        print(f"  {sop.name} ({sop}): not accepted with any transfer syntax")
-        return 0
-    print(f"  {sop.name} ({sop}) accepted as:")
-    print("\n".join(f"    {ts} {ts.name}" for ts in report.accepted))
-    if report.refused:
-        print("  not accepted: " + ", ".join(ts.name for ts in report.refused))
+    print(type_of(dest).echo(dest, args.sop_class))
     return 0
 
 
-def _destination(config: Config, name: str) -> DicomDestination | FolderDestination:
+def _destination(config: Config, name: str) -> DestinationSettings:
     if name not in config.destinations:
         raise ConfigError(
             f"{name!r} is not a destination of {config.source}; defined: "
@@ -255,13 +253,7 @@ def describe(config: Config) -> str:
         "destinations:",
     ]
     for name, dest in config.destinations.items():
-        if isinstance(dest, FolderDestination):
-            lines.append(f"  {name}: folder {dest.path} layout {dest.layout}")
-        elif isinstance(dest, DicomDestination):
-            lines.append(
-                f"  {name}: dicom {dest.ae_title}@{dest.host}:{dest.port} "
-                f"(as {dest.calling_ae_title}, fallback {dest.fallback})"
-            )
+        lines.append(f"  {name}: {type_of(dest).describe(dest)}")
     lines.append("rules (first match wins):")
     for i, rule in enumerate(config.rules):
         conditions = [f"{k} in {list(v)}" for k, v in rule.match.attributes]
@@ -270,7 +262,7 @@ def describe(config: Config) -> str:
         if rule.match.called_ae_title:
             conditions.append(f"called_ae_title ~ {list(rule.match.called_ae_title)}")
         if rule.match.peer_networks:
-            conditions.append(f"peer_address in {list(rule.match.peer_networks)}")
+            conditions.append(f"peer_address in {[str(n) for n in rule.match.peer_networks]}")
         when = " and ".join(conditions) or "everything"
         if rule.compress is None:
             action = "send as received"
@@ -301,18 +293,18 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
-def _setup_logging(level: str, log_format: str = "text") -> None:
+def _setup_logging(level: LogLevel, log_format: str = "text") -> None:
     handler = logging.StreamHandler(sys.stderr)
     if log_format == "json":
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=getattr(logging, level), handlers=[handler])
+    logging.basicConfig(level=level.number, handlers=[handler])
     # pynetdicom logs every PDU at INFO; keep its own chatter at warnings.
     # pynetdicom logs every refused connection and broken PDU at ERROR; the node logs
     # what matters of those itself (one line per association or retry).
     logging.getLogger("pynetdicom").setLevel(
-        logging.WARNING if level == "DEBUG" else logging.CRITICAL
+        logging.WARNING if level is LogLevel.DEBUG else logging.CRITICAL
     )
 
 

@@ -2,15 +2,23 @@
 
 Every error names the exact place in the file (``rules[2].compress.transfer_syntax``)
 so that an operator can fix it without reading code.
+
+The dataclasses below are the schema: the keys a section accepts, their defaults and
+the node settings that only a restart applies are read from their fields (a field's
+``metadata`` gives its YAML ``key`` where that differs from the field name,
+``internal`` for fields that are not keys, ``restart`` for settings a reload cannot
+change). A ``compress:`` block is checked by the codecs' own
+:func:`node.codecs.spec.parameter_problem`.
 """
 
 from __future__ import annotations
 
 import importlib.resources
-import ipaddress
+import logging
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,76 +27,79 @@ from pydicom.datadict import keyword_dict
 from pydicom.uid import UID
 
 from node.codecs.base import CompressSpec
+from node.codecs.spec import SpecProblem, parameter_problem
 from node.codecs.syntaxes import known_names, lookup_syntax
-from node.errors import ConfigError
+from node.destinations import DestinationSettings, ParseContext, destination_type
 
-DEFAULT_MAX_PDU = 1_048_576
-AE_TITLE_MAX = 16
-# Keys of ``match`` that describe the association rather than the dataset.
-ASSOCIATION_KEYS = ("calling_ae_title", "called_ae_title", "peer_address")
+# Settings of the built-in destination types, where code written before the registry
+# looks for them.
+from node.destinations.dicom import ClientTls, DicomDestination
+from node.destinations.folder import FolderDestination
+from node.errors import ConfigError
+from node.schema import (
+    DEFAULT_MAX_PDU,
+    INTERNAL,
+    RESTART,
+    IPNetwork,
+    RetryPolicy,
+    as_ae_title,
+    as_bool,
+    as_duration,
+    as_host,
+    as_int,
+    as_network,
+    as_number,
+    as_path,
+    as_patterns,
+    as_port,
+    as_size,
+    defaults,
+    existing_file,
+    expect_mapping,
+    kind_of,
+    reject_unknown,
+    yaml_keys,
+)
+
+__all__ = [
+    "ClientTls",
+    "Config",
+    "DicomDestination",
+    "FolderDestination",
+    "LogLevel",
+    "NodeSettings",
+    "RetryPolicy",
+    "Rule",
+    "load_config",
+    "parse_config",
+]
 
 
 # --------------------------------------------------------------------------- types
 
 
-@dataclass(frozen=True)
-class RetryPolicy:
-    """Exponential backoff (with jitter) between ``initial`` and ``max`` seconds."""
+class LogLevel(StrEnum):
+    """``node.log_level``; the values are the :mod:`logging` level names."""
 
-    initial: float = 10.0
-    max: float = 1800.0
-    give_up_after: float = 7 * 86400.0
-    multiplier: float = 2.0
+    DEBUG = "DEBUG"
+    INFO = "INFO"
+    WARNING = "WARNING"
+    ERROR = "ERROR"
 
-
-@dataclass(frozen=True)
-class FolderDestination:
-    name: str
-    path: Path
-    layout: str = "{PatientID}/{StudyInstanceUID}/{SeriesInstanceUID}/{SOPInstanceUID}.dcm"
-    type: Literal["folder"] = "folder"
-
-
-@dataclass(frozen=True)
-class ClientTls:
-    """DICOM TLS towards a peer: the CA that signed its certificate, and ours if it asks."""
-
-    ca: Path
-    certificate: Path | None = None
-    private_key: Path | None = None
-
-
-@dataclass(frozen=True)
-class DicomDestination:
-    name: str
-    host: str
-    port: int
-    ae_title: str
-    calling_ae_title: str
-    max_associations: int = 1
-    instances_per_association: int = 500
-    fallback: Literal["uncompressed", "fail"] = "uncompressed"
-    retry: RetryPolicy = field(default_factory=RetryPolicy)
-    storage_commitment: bool = False
-    # Seconds to wait for the peer's N-EVENT-REPORT before the instances are sent again.
-    commitment_timeout: float = 3600.0
-    timeout: float = 30.0
-    max_pdu: int = DEFAULT_MAX_PDU
-    tls: ClientTls | None = None
-    type: Literal["dicom"] = "dicom"
-
-
-Destination = FolderDestination | DicomDestination
+    @property
+    def number(self) -> int:
+        return int(logging.getLevelName(self.value))
 
 
 @dataclass(frozen=True)
 class Match:
     """AND of conditions; each condition's patterns are OR'ed (globs for strings)."""
 
-    attributes: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    # DICOM keyword -> patterns; any keyword of the data dictionary is a key.
+    attributes: tuple[tuple[str, tuple[str, ...]], ...] = field(default=(), metadata=INTERNAL)
     calling_ae_title: tuple[str, ...] = ()
     called_ae_title: tuple[str, ...] = ()
-    peer_networks: tuple[str, ...] = ()  # IP networks in CIDR form
+    peer_networks: tuple[IPNetwork, ...] = field(default=(), metadata={"key": "peer_address"})
 
 
 @dataclass(frozen=True)
@@ -104,7 +115,7 @@ class AllowEntry:
     """Callers that may associate: every condition given must hold (globs, networks)."""
 
     calling_ae_title: tuple[str, ...] = ()
-    peer_networks: tuple[str, ...] = ()
+    peer_networks: tuple[IPNetwork, ...] = field(default=(), metadata={"key": "peer_address"})
 
 
 @dataclass(frozen=True)
@@ -125,19 +136,20 @@ class MetricsSettings:
 
 @dataclass(frozen=True)
 class NodeSettings:
-    ae_title: str = "DICOM-NODE"
-    host: str = "0.0.0.0"
-    port: int | None = 11112  # None: no plain port (TLS only)
-    spool: Path = Path("dicom-node-data/spool")
-    workers: int = 0  # 0 = one per CPU
-    max_pdu: int = DEFAULT_MAX_PDU
+    ae_title: str = field(default="DICOM-NODE", metadata=RESTART)
+    host: str = field(default="0.0.0.0", metadata=RESTART)
+    # None: no plain port (TLS only)
+    port: int | None = field(default=11112, metadata=RESTART)
+    spool: Path = field(default=Path("dicom-node-data/spool"), metadata=RESTART)
+    workers: int = field(default=0, metadata=RESTART)  # 0 (``auto``) = one per CPU
+    max_pdu: int = field(default=DEFAULT_MAX_PDU, metadata=RESTART)
     max_associations: int = 32
-    log_level: str = "INFO"
-    log_format: Literal["text", "json"] = "text"
+    log_level: LogLevel = LogLevel.INFO
+    log_format: Literal["text", "json"] = field(default="text", metadata=RESTART)
     allow: tuple[AllowEntry, ...] = ()  # empty: any caller
     require_called_ae_title: bool = False
-    tls: TlsSettings | None = None
-    metrics: MetricsSettings | None = None
+    tls: TlsSettings | None = field(default=None, metadata=RESTART)
+    metrics: MetricsSettings | None = field(default=None, metadata=RESTART)
     acse_timeout: float = 30.0
     dimse_timeout: float = 60.0
     network_timeout: float = 60.0
@@ -152,9 +164,17 @@ class NodeSettings:
 @dataclass(frozen=True)
 class Config:
     node: NodeSettings
-    destinations: dict[str, Destination]
+    destinations: dict[str, DestinationSettings]
     rules: tuple[Rule, ...]
-    source: str = "<embedded default>"
+    source: str = field(default="<embedded default>", metadata=INTERNAL)
+
+
+# Node settings that need a new socket or process: a reload logs them as waiting.
+RESTART_ONLY = tuple(f.name for f in fields(NodeSettings) if f.metadata.get("restart"))
+# Keys of ``match`` that describe the association rather than the dataset.
+ASSOCIATION_KEYS = yaml_keys(Match)
+# Keys of a rule that are not fields of Rule: a default for its ``compress:`` block.
+RULE_SHORTCUTS = ("new_uid_on_lossy",)
 
 
 # --------------------------------------------------------------------------- loading
@@ -183,8 +203,8 @@ def parse_config(text: str, base_dir: Path, source: str = "<string>") -> Config:
         raise ConfigError(f"{source}:{where}: not valid YAML: {problem}") from exc
     if raw is None:
         raw = {}
-    _expect_mapping(raw, "(top level)")
-    _reject_unknown(raw, "(top level)", ("node", "destinations", "rules"))
+    expect_mapping(raw, "(top level)")
+    reject_unknown(raw, "(top level)", yaml_keys(Config))
     node = _parse_node(raw.get("node") or {}, base_dir)
     destinations = _parse_destinations(raw.get("destinations") or {}, base_dir, node)
     rules = _parse_rules(raw.get("rules"), destinations)
@@ -196,80 +216,52 @@ def parse_config(text: str, base_dir: Path, source: str = "<string>") -> Config:
 
 def _parse_node(raw: Any, base_dir: Path) -> NodeSettings:
     where = "node"
-    _expect_mapping(raw, where)
-    _reject_unknown(
-        raw,
-        where,
-        (
-            "ae_title",
-            "host",
-            "port",
-            "spool",
-            "workers",
-            "max_pdu",
-            "max_associations",
-            "log_level",
-            "log_format",
-            "allow",
-            "require_called_ae_title",
-            "tls",
-            "metrics",
-            "acse_timeout",
-            "dimse_timeout",
-            "network_timeout",
-            "min_free_space",
-            "max_dataset_size",
-        ),
-    )
-    defaults = NodeSettings()
+    expect_mapping(raw, where)
+    reject_unknown(raw, where, yaml_keys(NodeSettings))
+    d = NodeSettings()
     workers_raw = raw.get("workers", "auto")
     if workers_raw == "auto":
         workers = 0
     else:
-        workers = _int(workers_raw, f"{where}.workers", minimum=1, hint="or 'auto'")
-    log_level = str(raw.get("log_level", defaults.log_level)).upper()
-    if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-        raise ConfigError(
-            f"{where}.log_level: {log_level!r} is not one of DEBUG, INFO, WARNING, ERROR"
-        )
-    log_format = raw.get("log_format", defaults.log_format)
+        workers = as_int(workers_raw, f"{where}.workers", minimum=1, hint="or 'auto'")
+    log_level = _log_level(raw.get("log_level", d.log_level), f"{where}.log_level")
+    log_format = raw.get("log_format", d.log_format)
     if log_format not in ("text", "json"):
         raise ConfigError(f"{where}.log_format: {log_format!r} is not one of text, json")
     tls = _parse_tls(raw["tls"], f"{where}.tls", base_dir) if raw.get("tls") else None
-    port = raw.get("port", defaults.port)
+    port = raw.get("port", d.port)
     if port is None and tls is None:
         raise ConfigError(f"{where}.port: may be null (no plain port) only when {where}.tls is set")
     return NodeSettings(
-        ae_title=_ae_title(raw.get("ae_title", defaults.ae_title), f"{where}.ae_title"),
-        host=_host(raw.get("host", defaults.host), f"{where}.host"),
-        port=None if port is None else _port(port, f"{where}.port"),
+        ae_title=as_ae_title(raw.get("ae_title", d.ae_title), f"{where}.ae_title"),
+        host=as_host(raw.get("host", d.host), f"{where}.host"),
+        port=None if port is None else as_port(port, f"{where}.port"),
         log_format=log_format,
         allow=_parse_allow(raw.get("allow"), f"{where}.allow"),
-        require_called_ae_title=_bool(
-            raw.get("require_called_ae_title", False), f"{where}.require_called_ae_title"
+        require_called_ae_title=as_bool(
+            raw.get("require_called_ae_title", d.require_called_ae_title),
+            f"{where}.require_called_ae_title",
         ),
         tls=tls,
         metrics=_parse_metrics(raw["metrics"], f"{where}.metrics") if raw.get("metrics") else None,
-        acse_timeout=_duration(
-            raw.get("acse_timeout", defaults.acse_timeout), f"{where}.acse_timeout"
+        acse_timeout=as_duration(raw.get("acse_timeout", d.acse_timeout), f"{where}.acse_timeout"),
+        dimse_timeout=as_duration(
+            raw.get("dimse_timeout", d.dimse_timeout), f"{where}.dimse_timeout"
         ),
-        dimse_timeout=_duration(
-            raw.get("dimse_timeout", defaults.dimse_timeout), f"{where}.dimse_timeout"
+        network_timeout=as_duration(
+            raw.get("network_timeout", d.network_timeout), f"{where}.network_timeout"
         ),
-        network_timeout=_duration(
-            raw.get("network_timeout", defaults.network_timeout), f"{where}.network_timeout"
+        min_free_space=as_size(
+            raw.get("min_free_space", d.min_free_space), f"{where}.min_free_space"
         ),
-        min_free_space=_bytes(
-            raw.get("min_free_space", defaults.min_free_space), f"{where}.min_free_space"
+        max_dataset_size=as_size(
+            raw.get("max_dataset_size", d.max_dataset_size), f"{where}.max_dataset_size"
         ),
-        max_dataset_size=_bytes(
-            raw.get("max_dataset_size", defaults.max_dataset_size), f"{where}.max_dataset_size"
-        ),
-        spool=_path(raw.get("spool", str(defaults.spool)), f"{where}.spool", base_dir),
+        spool=as_path(raw.get("spool", str(d.spool)), f"{where}.spool", base_dir),
         workers=workers,
-        max_pdu=_int(raw.get("max_pdu", defaults.max_pdu), f"{where}.max_pdu", minimum=4096),
-        max_associations=_int(
-            raw.get("max_associations", defaults.max_associations),
+        max_pdu=as_int(raw.get("max_pdu", d.max_pdu), f"{where}.max_pdu", minimum=4096),
+        max_associations=as_int(
+            raw.get("max_associations", d.max_associations),
             f"{where}.max_associations",
             minimum=1,
         ),
@@ -287,19 +279,19 @@ def _parse_allow(raw: Any, where: str) -> tuple[AllowEntry, ...]:
     entries = []
     for i, body in enumerate(raw):
         place = f"{where}[{i}]"
-        _expect_mapping(body, place)
-        _reject_unknown(body, place, ("calling_ae_title", "peer_address"))
+        expect_mapping(body, place)
+        reject_unknown(body, place, yaml_keys(AllowEntry))
         if not body:
             raise ConfigError(f"{place}: name a calling_ae_title, a peer_address, or both")
         titles = (
-            _patterns(body["calling_ae_title"], f"{place}.calling_ae_title")
+            as_patterns(body["calling_ae_title"], f"{place}.calling_ae_title")
             if "calling_ae_title" in body
             else ()
         )
         networks = (
             tuple(
-                _network(p, f"{place}.peer_address")
-                for p in _patterns(body["peer_address"], f"{place}.peer_address")
+                as_network(p, f"{place}.peer_address")
+                for p in as_patterns(body["peer_address"], f"{place}.peer_address")
             )
             if "peer_address" in body
             else ()
@@ -309,175 +301,71 @@ def _parse_allow(raw: Any, where: str) -> tuple[AllowEntry, ...]:
 
 
 def _parse_tls(raw: Any, where: str, base_dir: Path) -> TlsSettings:
-    _expect_mapping(raw, where)
-    _reject_unknown(raw, where, ("port", "certificate", "private_key", "client_ca"))
+    expect_mapping(raw, where)
+    reject_unknown(raw, where, yaml_keys(TlsSettings))
     for key in ("port", "certificate", "private_key"):
         if key not in raw:
             raise ConfigError(f"{where}.{key}: required for DICOM TLS")
     client_ca = raw.get("client_ca")
     return TlsSettings(
-        port=_port(raw["port"], f"{where}.port"),
-        certificate=_existing_file(raw["certificate"], f"{where}.certificate", base_dir),
-        private_key=_existing_file(raw["private_key"], f"{where}.private_key", base_dir),
+        port=as_port(raw["port"], f"{where}.port"),
+        certificate=existing_file(raw["certificate"], f"{where}.certificate", base_dir),
+        private_key=existing_file(raw["private_key"], f"{where}.private_key", base_dir),
         client_ca=None
         if client_ca is None
-        else _existing_file(client_ca, f"{where}.client_ca", base_dir),
+        else existing_file(client_ca, f"{where}.client_ca", base_dir),
     )
 
 
 def _parse_metrics(raw: Any, where: str) -> MetricsSettings:
-    _expect_mapping(raw, where)
-    _reject_unknown(raw, where, ("host", "port"))
-    defaults = MetricsSettings()
+    expect_mapping(raw, where)
+    reject_unknown(raw, where, yaml_keys(MetricsSettings))
+    d = MetricsSettings()
     return MetricsSettings(
-        host=_host(raw.get("host", defaults.host), f"{where}.host"),
-        port=_port(raw.get("port", defaults.port), f"{where}.port"),
+        host=as_host(raw.get("host", d.host), f"{where}.host"),
+        port=as_port(raw.get("port", d.port), f"{where}.port"),
     )
 
 
-def _parse_destinations(raw: Any, base_dir: Path, node: NodeSettings) -> dict[str, Destination]:
-    _expect_mapping(raw, "destinations")
-    result: dict[str, Destination] = {}
+def _parse_destinations(
+    raw: Any, base_dir: Path, node: NodeSettings
+) -> dict[str, DestinationSettings]:
+    expect_mapping(raw, "destinations")
+    context = ParseContext(base_dir=base_dir, node_ae_title=node.ae_title)
+    result: dict[str, DestinationSettings] = {}
     for name, body in raw.items():
         where = f"destinations.{name}"
         if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
             raise ConfigError(
                 f"{where}: destination names may hold only letters, digits, '_', '.' and '-'"
             )
-        _expect_mapping(body, where)
-        kind = body.get("type")
-        if kind == "folder":
-            result[name] = _parse_folder(name, body, where, base_dir)
-        elif kind == "dicom":
-            result[name] = _parse_dicom(name, body, where, node, base_dir)
-        else:
-            raise ConfigError(
-                f"{where}.type: {kind!r} is not a destination type; known: folder, dicom"
-            )
+        expect_mapping(body, where)
+        kind = destination_type(body.get("type"), f"{where}.type")
+        result[name] = kind.parse(name, body, where, context)
     return result
 
 
-def _parse_folder(name: str, body: dict[str, Any], where: str, base_dir: Path) -> FolderDestination:
-    _reject_unknown(body, where, ("type", "path", "layout"))
-    if "path" not in body:
-        raise ConfigError(f"{where}.path: required for a folder destination")
-    layout = body.get("layout", FolderDestination.layout)
-    _validate_layout(layout, f"{where}.layout")
-    return FolderDestination(
-        name=name, path=_path(body["path"], f"{where}.path", base_dir), layout=layout
-    )
-
-
-def _parse_dicom(
-    name: str, body: dict[str, Any], where: str, node: NodeSettings, base_dir: Path
-) -> DicomDestination:
-    _reject_unknown(
-        body,
-        where,
-        (
-            "type",
-            "host",
-            "port",
-            "ae_title",
-            "calling_ae_title",
-            "max_associations",
-            "instances_per_association",
-            "fallback",
-            "retry",
-            "storage_commitment",
-            "commitment_timeout",
-            "timeout",
-            "max_pdu",
-            "tls",
-        ),
-    )
-    for key in ("host", "port", "ae_title"):
-        if key not in body:
-            raise ConfigError(f"{where}.{key}: required for a dicom destination")
-    fallback = body.get("fallback", "uncompressed")
-    if fallback not in ("uncompressed", "fail"):
-        raise ConfigError(f"{where}.fallback: {fallback!r} is not one of uncompressed, fail")
-    return DicomDestination(
-        name=name,
-        host=_host(body["host"], f"{where}.host"),
-        port=_port(body["port"], f"{where}.port"),
-        ae_title=_ae_title(body["ae_title"], f"{where}.ae_title"),
-        calling_ae_title=_ae_title(
-            body.get("calling_ae_title", node.ae_title), f"{where}.calling_ae_title"
-        ),
-        max_associations=_int(body.get("max_associations", 1), f"{where}.max_associations", 1),
-        instances_per_association=_int(
-            body.get("instances_per_association", 500), f"{where}.instances_per_association", 1
-        ),
-        fallback=fallback,
-        retry=_parse_retry(body.get("retry") or {}, f"{where}.retry"),
-        storage_commitment=_bool(
-            body.get("storage_commitment", False), f"{where}.storage_commitment"
-        ),
-        commitment_timeout=_duration(
-            body.get("commitment_timeout", 3600), f"{where}.commitment_timeout"
-        ),
-        timeout=_duration(body.get("timeout", 30), f"{where}.timeout"),
-        max_pdu=_int(body.get("max_pdu", DEFAULT_MAX_PDU), f"{where}.max_pdu", minimum=4096),
-        tls=_parse_client_tls(body["tls"], f"{where}.tls", base_dir) if body.get("tls") else None,
-    )
-
-
-def _parse_client_tls(raw: Any, where: str, base_dir: Path) -> ClientTls:
-    _expect_mapping(raw, where)
-    _reject_unknown(raw, where, ("ca", "certificate", "private_key"))
-    if "ca" not in raw:
-        raise ConfigError(
-            f"{where}.ca: required: the CA certificate(s) that signed the peer's certificate"
-        )
-    if ("certificate" in raw) != ("private_key" in raw):
-        raise ConfigError(f"{where}: give both certificate and private_key, or neither")
-    files = {key: _existing_file(raw[key], f"{where}.{key}", base_dir) for key in raw}
-    return ClientTls(files["ca"], files.get("certificate"), files.get("private_key"))
-
-
-def _existing_file(value: Any, where: str, base_dir: Path) -> Path:
-    path = _path(value, where, base_dir)
-    if not path.is_file():
-        raise ConfigError(f"{where}: {path} does not exist or is not a file")
-    return path
-
-
-def _parse_retry(raw: Any, where: str) -> RetryPolicy:
-    _expect_mapping(raw, where)
-    _reject_unknown(raw, where, ("initial", "max", "give_up_after", "multiplier"))
-    d = RetryPolicy()
-    policy = RetryPolicy(
-        initial=_duration(raw.get("initial", d.initial), f"{where}.initial"),
-        max=_duration(raw.get("max", d.max), f"{where}.max"),
-        give_up_after=_duration(
-            raw.get("give_up_after", d.give_up_after), f"{where}.give_up_after"
-        ),
-        multiplier=_number(raw.get("multiplier", d.multiplier), f"{where}.multiplier", minimum=1.0),
-    )
-    if policy.max < policy.initial:
-        raise ConfigError(f"{where}.max: must not be shorter than {where}.initial")
-    return policy
-
-
-def _parse_rules(raw: Any, destinations: dict[str, Destination]) -> tuple[Rule, ...]:
+def _parse_rules(raw: Any, destinations: dict[str, DestinationSettings]) -> tuple[Rule, ...]:
     if raw is None:
         raise ConfigError(
             "rules: at least one rule is required (a rule without match matches everything)"
         )
     if not isinstance(raw, list):
-        raise ConfigError(f"rules: expected a list of rules, got {_kind(raw)}")
+        raise ConfigError(f"rules: expected a list of rules, got {kind_of(raw)}")
     rules: list[Rule] = []
     names: set[str] = set()
     for index, body in enumerate(raw):
         where = f"rules[{index}]"
-        _expect_mapping(body, where)
-        _reject_unknown(body, where, ("name", "match", "compress", "send_to", "new_uid_on_lossy"))
+        expect_mapping(body, where)
+        reject_unknown(body, where, yaml_keys(Rule) + RULE_SHORTCUTS)
         name = str(body.get("name", f"rule-{index}"))
         if name in names:
             raise ConfigError(f"{where}.name: {name!r} is used by an earlier rule")
         names.add(name)
-        new_uid_default = _bool(body.get("new_uid_on_lossy", True), f"{where}.new_uid_on_lossy")
+        new_uid_default = as_bool(
+            body.get("new_uid_on_lossy", _COMPRESS_DEFAULTS["new_uid_on_lossy"]),
+            f"{where}.new_uid_on_lossy",
+        )
         rules.append(
             Rule(
                 name=name,
@@ -492,19 +380,19 @@ def _parse_rules(raw: Any, destinations: dict[str, Destination]) -> tuple[Rule, 
 
 
 def _parse_match(raw: Any, where: str) -> Match:
-    _expect_mapping(raw, where)
+    expect_mapping(raw, where)
     attributes: list[tuple[str, tuple[str, ...]]] = []
     calling: tuple[str, ...] = ()
     called: tuple[str, ...] = ()
-    networks: tuple[str, ...] = ()
+    networks: tuple[IPNetwork, ...] = ()
     for key, value in raw.items():
-        patterns = _patterns(value, f"{where}.{key}")
+        patterns = as_patterns(value, f"{where}.{key}")
         if key == "calling_ae_title":
             calling = patterns
         elif key == "called_ae_title":
             called = patterns
         elif key == "peer_address":
-            networks = tuple(_network(p, f"{where}.peer_address") for p in patterns)
+            networks = tuple(as_network(p, f"{where}.peer_address") for p in patterns)
         elif key in keyword_dict:
             if key == "PixelData":
                 raise ConfigError(f"{where}.PixelData: rules cannot match on pixel data")
@@ -517,25 +405,16 @@ def _parse_match(raw: Any, where: str) -> Match:
     return Match(tuple(attributes), calling, called, networks)
 
 
+_COMPRESS_DEFAULTS = defaults(CompressSpec)
+# The encoder parameters a syntax may take (SyntaxInfo.parameters names them).
+_ENCODER_PARAMETERS = ("max_error", "compression_ratio", "psnr", "quality")
+
+
 def _parse_compress(raw: Any, where: str, new_uid_default: bool) -> CompressSpec | None:
     if raw is None:
         return None
-    _expect_mapping(raw, where)
-    _reject_unknown(
-        raw,
-        where,
-        (
-            "transfer_syntax",
-            "plugin",
-            "max_error",
-            "compression_ratio",
-            "psnr",
-            "quality",
-            "new_uid_on_lossy",
-            "verify",
-            "allow_lossy_recompression",
-        ),
-    )
+    expect_mapping(raw, where)
+    reject_unknown(raw, where, yaml_keys(CompressSpec))
     if "transfer_syntax" not in raw:
         raise ConfigError(f"{where}.transfer_syntax: required; known: {', '.join(known_names())}")
     info = lookup_syntax(str(raw["transfer_syntax"]))
@@ -544,58 +423,62 @@ def _parse_compress(raw: Any, where: str, new_uid_default: bool) -> CompressSpec
             f"{where}.transfer_syntax: {raw['transfer_syntax']!r} is not a known transfer syntax; "
             f"known: {', '.join(known_names())}"
         )
-    for param in ("max_error", "compression_ratio", "psnr", "quality"):
+    for param in _ENCODER_PARAMETERS:
         if param in raw and param not in info.parameters:
             allowed = ", ".join(info.parameters) or "none"
             raise ConfigError(
                 f"{where}.{param}: not a parameter of {info.name} (its parameters: {allowed})"
             )
-    max_error = compression_ratio = psnr = None
-    if "max_error" in info.parameters:
-        if "max_error" not in raw:
-            raise ConfigError(f"{where}.max_error: required for {info.name} (e.g. 2)")
-        max_error = _int(raw["max_error"], f"{where}.max_error", minimum=0, maximum=255)
-    if "compression_ratio" in info.parameters:
-        if ("compression_ratio" in raw) == ("psnr" in raw):
-            raise ConfigError(f"{where}: {info.name} needs exactly one of compression_ratio, psnr")
-        if "compression_ratio" in raw:
-            compression_ratio = _number(raw["compression_ratio"], f"{where}.compression_ratio", 1.0)
-        else:
-            psnr = _number(raw["psnr"], f"{where}.psnr", minimum=1.0)
-    quality = None
-    if "quality" in raw:  # jpeg-baseline; the codec's default (90) otherwise
-        quality = _int(raw["quality"], f"{where}.quality", minimum=1, maximum=100)
+    if "max_error" in info.parameters and "max_error" not in raw:
+        raise ConfigError(f"{where}.max_error: required for {info.name} (e.g. 2)")
+    if "compression_ratio" in info.parameters and ("compression_ratio" in raw) == ("psnr" in raw):
+        raise ConfigError(f"{where}: {info.name} needs exactly one of compression_ratio, psnr")
     plugin = raw.get("plugin")
-    if plugin is not None:
-        plugin = str(plugin)
-        problem = _plugin_problem(info.uid, plugin)
-        if problem:
-            raise ConfigError(f"{where}.plugin: {problem}")
-    return CompressSpec(
+    spec = CompressSpec(
         transfer_syntax=UID(info.uid),
-        plugin=plugin,
-        max_error=max_error,
-        compression_ratio=compression_ratio,
-        psnr=psnr,
-        quality=quality,
-        new_uid_on_lossy=_bool(
+        plugin=None if plugin is None else str(plugin),
+        max_error=_optional(raw, "max_error", as_int, where),
+        compression_ratio=_optional(raw, "compression_ratio", as_number, where),
+        psnr=_optional(raw, "psnr", as_number, where),
+        quality=_optional(raw, "quality", as_int, where),
+        new_uid_on_lossy=as_bool(
             raw.get("new_uid_on_lossy", new_uid_default), f"{where}.new_uid_on_lossy"
         ),
-        verify_lossless=_bool(raw.get("verify", False), f"{where}.verify"),
-        allow_lossy_recompression=_bool(
-            raw.get("allow_lossy_recompression", False), f"{where}.allow_lossy_recompression"
+        verify_lossless=as_bool(
+            raw.get("verify", _COMPRESS_DEFAULTS["verify_lossless"]), f"{where}.verify"
         ),
+        allow_lossy_recompression=as_bool(
+            raw.get("allow_lossy_recompression", _COMPRESS_DEFAULTS["allow_lossy_recompression"]),
+            f"{where}.allow_lossy_recompression",
+        ),
+    )
+    problem = parameter_problem(spec) or (_plugin_problem(spec) if spec.plugin else None)
+    if problem is not None:
+        raise ConfigError(spec_error(problem, where))
+    return spec
+
+
+def spec_error(problem: SpecProblem, where: str) -> str:
+    """A codec's objection to a ``compress:`` block at ``where``, as a config error."""
+    return (
+        f"{where}.{problem.key}: {problem.detail}" if problem.key else f"{where}: {problem.detail}"
     )
 
 
-def _plugin_problem(uid: UID, plugin: str) -> str | None:
-    # Imported late: the codec registry imports the encoder packages.
-    from node.codecs import check_plugin
-
-    return check_plugin(uid, plugin)
+def _optional(raw: dict[str, Any], key: str, parse: Any, where: str) -> Any:
+    return parse(raw[key], f"{where}.{key}") if key in raw else None
 
 
-def _parse_send_to(raw: Any, where: str, destinations: dict[str, Destination]) -> tuple[str, ...]:
+def _plugin_problem(spec: CompressSpec) -> SpecProblem | None:
+    # Imported late: finding out which encoders are installed imports them.
+    from node.codecs.spec import encoder_problem
+
+    return encoder_problem(spec)
+
+
+def _parse_send_to(
+    raw: Any, where: str, destinations: dict[str, DestinationSettings]
+) -> tuple[str, ...]:
     if raw is None:
         raise ConfigError(
             f"{where}: required; name one or more of: {', '.join(destinations) or '(none defined)'}"
@@ -614,162 +497,11 @@ def _parse_send_to(raw: Any, where: str, destinations: dict[str, Destination]) -
     return tuple(str(n) for n in names)
 
 
-# --------------------------------------------------------------------------- scalars
-
-
-def _kind(value: Any) -> str:
-    return {dict: "a mapping", list: "a list", str: "a string"}.get(
-        type(value), type(value).__name__
-    )
-
-
-def _expect_mapping(value: Any, where: str) -> None:
-    if not isinstance(value, dict):
-        raise ConfigError(f"{where}: expected a mapping (key: value), got {_kind(value)}")
-
-
-def _reject_unknown(raw: dict[str, Any], where: str, known: tuple[str, ...]) -> None:
-    for key in raw:
-        if key not in known:
-            prefix = "" if where == "(top level)" else f"{where}."
-            raise ConfigError(f"{prefix}{key}: unknown key; expected one of: {', '.join(known)}")
-
-
-def _int(
-    value: Any, where: str, minimum: int | None = None, maximum: int | None = None, hint: str = ""
-) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        extra = f" {hint}" if hint else ""
-        raise ConfigError(f"{where}: expected a whole number{extra}, got {value!r}")
-    if minimum is not None and value < minimum:
-        raise ConfigError(f"{where}: must be at least {minimum}, got {value}")
-    if maximum is not None and value > maximum:
-        raise ConfigError(f"{where}: must be at most {maximum}, got {value}")
-    return value
-
-
-def _number(value: Any, where: str, minimum: float | None = None) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ConfigError(f"{where}: expected a number, got {value!r}")
-    if minimum is not None and value < minimum:
-        raise ConfigError(f"{where}: must be at least {minimum:g}, got {value}")
-    return float(value)
-
-
-def _bool(value: Any, where: str) -> bool:
-    if not isinstance(value, bool):
-        raise ConfigError(f"{where}: expected true or false, got {value!r}")
-    return value
-
-
-def _port(value: Any, where: str) -> int:
-    return _int(value, where, minimum=1, maximum=65535)
-
-
-def _host(value: Any, where: str) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise ConfigError(f"{where}: expected a host name or IP address, got {value!r}")
-    return value.strip()
-
-
-def _ae_title(value: Any, where: str) -> str:
-    if not isinstance(value, str):
-        raise ConfigError(f"{where}: expected an AE title (text), got {value!r}")
-    title = value.strip()
-    if not title or len(title) > AE_TITLE_MAX:
-        raise ConfigError(f"{where}: an AE title has 1 to {AE_TITLE_MAX} characters, got {value!r}")
-    if "\\" in title or any(ord(c) < 32 or ord(c) > 126 for c in title):
-        raise ConfigError(f"{where}: an AE title may not hold '\\' or control characters")
-    return title
-
-
-def _path(value: Any, where: str, base_dir: Path) -> Path:
-    if not isinstance(value, str) or not value:
-        raise ConfigError(f"{where}: expected a path, got {value!r}")
-    p = Path(value).expanduser()
-    return p if p.is_absolute() else base_dir / p
-
-
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
-_UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
-
-
-def _duration(value: Any, where: str) -> float:
-    """Seconds from ``90``, ``10s``, ``30m``, ``2h`` or ``7d``."""
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        seconds = float(value)
-    else:
-        m = _DURATION.match(str(value))
-        if not m:
-            raise ConfigError(
-                f"{where}: {value!r} is not a duration; use e.g. 30, 10s, 30m, 2h, 7d"
-            )
-        seconds = float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
-    if seconds <= 0:
-        raise ConfigError(f"{where}: must be longer than zero")
-    return seconds
-
-
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)?\s*$", re.IGNORECASE)
-_UNIT_BYTES = {
-    "b": 1,
-    "kb": 10**3,
-    "mb": 10**6,
-    "gb": 10**9,
-    "tb": 10**12,
-    "kib": 2**10,
-    "mib": 2**20,
-    "gib": 2**30,
-    "tib": 2**40,
-}
-
-
-def _bytes(value: Any, where: str) -> int:
-    """Bytes from ``1048576``, ``512MB`` or ``2GiB``."""
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        return value
-    m = _SIZE.match(str(value))
-    if not m:
-        raise ConfigError(f"{where}: {value!r} is not a size; use e.g. 0, 512MB, 2GiB")
-    return int(float(m.group(1)) * _UNIT_BYTES[(m.group(2) or "b").lower()])
-
-
-def _patterns(value: Any, where: str) -> tuple[str, ...]:
-    values = value if isinstance(value, list) else [value]
-    if not values:
-        raise ConfigError(f"{where}: an empty list matches nothing; remove the key or add values")
-    out = []
-    for v in values:
-        if isinstance(v, dict | list) or v is None:
-            raise ConfigError(f"{where}: expected text or a list of texts, got {_kind(v)}")
-        out.append(str(v))
-    return tuple(out)
-
-
-def _network(value: str, where: str) -> str:
+def _log_level(value: Any, where: str) -> LogLevel:
+    text = str(value).upper()
     try:
-        return str(ipaddress.ip_network(value, strict=False))
-    except ValueError as exc:
-        raise ConfigError(f"{where}: {value!r} is not an IP address or CIDR network") from exc
-
-
-_LAYOUT_FIELD = re.compile(r"\{([^{}]*)\}")
-
-
-def _validate_layout(layout: Any, where: str) -> None:
-    if not isinstance(layout, str) or not layout.strip():
+        return LogLevel(text)
+    except ValueError:
         raise ConfigError(
-            f"{where}: expected a path template such as '{{PatientID}}/{{SOPInstanceUID}}.dcm'"
-        )
-    fields = _LAYOUT_FIELD.findall(layout)
-    if "{" in _LAYOUT_FIELD.sub("", layout) or "}" in _LAYOUT_FIELD.sub("", layout):
-        raise ConfigError(f"{where}: unbalanced braces in {layout!r}")
-    for name in fields:
-        if name not in keyword_dict:
-            raise ConfigError(f"{where}: {{{name}}} is not a DICOM keyword (e.g. PatientID)")
-    if "SOPInstanceUID" not in fields:
-        raise ConfigError(
-            f"{where}: must contain {{SOPInstanceUID}} so that each instance gets its own file"
-        )
-    if layout.startswith("/") or ".." in Path(_LAYOUT_FIELD.sub("x", layout)).parts:
-        raise ConfigError(f"{where}: must be a relative path below the destination's path")
+            f"{where}: {text!r} is not one of {', '.join(level.value for level in LogLevel)}"
+        ) from None

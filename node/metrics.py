@@ -10,16 +10,13 @@ import logging
 import threading
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from node.config import MetricsSettings
-
-if TYPE_CHECKING:
-    from node.workers import Outcome
+from node.outcome import Outcome, Status
 
 log = logging.getLogger("dicom_node.metrics")
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -114,7 +111,7 @@ class Metrics:
 
     def routed_instance(self, outcome: Outcome) -> None:
         self.routed.labels(outcome.status, outcome.transfer_syntax, str(outcome.compressed)).inc()
-        if outcome.status != "delivered":
+        if outcome.status != Status.DELIVERED:
             return
         self.bytes_out.inc(outcome.bytes_out)
         self.compress_seconds.observe(outcome.seconds)

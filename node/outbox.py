@@ -26,9 +26,9 @@ from typing import Any
 
 from pydicom.filereader import read_file_meta_info
 
-from node.config import RetryPolicy
 from node.errors import OutboxError
 from node.fsutil import TMP_SUFFIX, fsync_dir, makedirs_durably, write_durably
+from node.schema import RetryPolicy
 from node.spool import Spool
 
 DCM = ".dcm"

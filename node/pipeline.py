@@ -37,7 +37,7 @@ from pathlib import Path
 from node.config import Config
 from node.errors import StartupError
 from node.spool import Spool
-from node.workers import DONE, FREE, READY, Outcome, Reply, Task, prepare_incoming
+from node.workers import DONE, FREE, READY, Outcome, Reply, Status, Task, prepare_incoming
 
 log = logging.getLogger("dicom_node.pipeline")
 
@@ -402,15 +402,15 @@ def _exit_description(process: subprocess.Popen[bytes], wait: float) -> str:
 
 
 def log_outcome(outcome: Outcome) -> None:
-    if outcome.status == "unrouted":
+    if outcome.status == Status.UNROUTED:
         log.warning(
             "%s kept in unrouted/: %s", outcome.sop_instance_uid or outcome.incoming, outcome.reason
         )
         return
-    if outcome.status == "quarantined":
+    if outcome.status == Status.QUARANTINED:
         log.error("%s quarantined: %s", outcome.incoming, outcome.reason)
         return
-    if outcome.status == "gone":
+    if outcome.status == Status.GONE:
         return
     for error in outcome.errors:
         log.warning("%s: %s", outcome.sop_instance_uid, error)

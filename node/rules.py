@@ -13,7 +13,7 @@ from fnmatch import fnmatchcase
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
-from node.config import Match, Rule
+from node.config import IPNetwork, Match, Rule
 
 _URL = re.compile(r"^dicom://\[?(?P<host>[^\]]*?)\]?:(?P<port>\d+)$")
 
@@ -71,9 +71,10 @@ def _any_glob(values: list[str], patterns: tuple[str, ...]) -> bool:
     return any(fnmatchcase(v, p) for v in values for p in patterns)
 
 
-def in_networks(address: str, networks: tuple[str, ...]) -> bool:
+def in_networks(address: str, networks: tuple[IPNetwork, ...]) -> bool:
+    """True if ``address`` is in one of ``networks`` (parsed once, when the config is loaded)."""
     try:
         ip = ipaddress.ip_address(address)
     except ValueError:
         return False
-    return any(ip in ipaddress.ip_network(n) for n in networks)
+    return any(ip in network for network in networks)

@@ -14,7 +14,7 @@ from pathlib import Path
 from pydicom.dataset import Dataset
 from pynetdicom import AE
 
-from node.config import Config, load_config
+from node.config import RESTART_ONLY, Config, load_config
 from node.destinations import Runner, start_runners
 from node.destinations.commitment import INVALID_ARGUMENT, transaction_uid
 from node.errors import ConfigError, StartupError
@@ -28,7 +28,7 @@ from node.scp import (
     handlers,
     server_tls_context,
 )
-from node.spool import Spool
+from node.spool import Spool, SpoolLock
 from node.systemd import Notifier
 from node.workers import Outcome
 
@@ -44,6 +44,7 @@ class Node:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.spool = Spool(config.node.spool, config.node.min_free_space)
+        self.spool_lock = SpoolLock(config.node.spool)
         self.pipeline = Pipeline(config, self.spool, on_outcome=self._routed)
         self.runners: dict[str, Runner] = {}
         self.metrics = Metrics(self.pipeline.backlog, self._outbox_depths)
@@ -53,6 +54,7 @@ class Node:
         self._servers: list[NoDelayAssociationServer] = []
 
     def start(self) -> None:
+        self.spool_lock.acquire()  # before create(), which removes partial writes
         self.spool.create()
         self.runners = start_runners(self.config, self.spool)
         left_over = self.pipeline.start()
@@ -126,9 +128,9 @@ class Node:
         """Route a Storage Commitment report to the destination that owns its transaction."""
         uid = transaction_uid(info)
         for runner in list(self.runners.values()):
-            commitments = getattr(runner, "commitments", None)
-            if commitments is not None and commitments.knows(uid):
-                return commitments.report(event_type, info)
+            status = runner.commitment_report(uid, event_type, info)
+            if status is not None:
+                return status
         log.warning("storage commitment report for unknown transaction %r ignored", uid)
         return INVALID_ARGUMENT
 
@@ -156,6 +158,7 @@ class Node:
             self.metrics_server.shutdown()
         stop_all(self.runners)
         log.info("stopped; %d instance(s) wait in the spool", len(self.spool.list_incoming()))
+        self.spool_lock.release()
 
     def reload(self, config_path: str | None) -> None:
         """Apply a re-read config to instances not yet routed; keep the old one if invalid."""
@@ -185,21 +188,10 @@ class Node:
     def _keep_listening_settings(self, config: Config) -> Config:
         """Node settings that a running process cannot change stay as they are."""
         old, new = self.config.node, config.node
-        fixed = (
-            "ae_title",
-            "host",
-            "port",
-            "spool",
-            "workers",
-            "max_pdu",
-            "tls",
-            "metrics",
-            "log_format",
-        )
-        changed = [f for f in fixed if getattr(old, f) != getattr(new, f)]
+        changed = [f for f in RESTART_ONLY if getattr(old, f) != getattr(new, f)]
         if changed:
             log.warning("reload: node.%s take effect at the next restart", ", node.".join(changed))
-        return replace(config, node=replace(new, **{f: getattr(old, f) for f in fixed}))
+        return replace(config, node=replace(new, **{f: getattr(old, f) for f in RESTART_ONLY}))
 
     def status_line(self) -> str:
         return f"{self.pipeline.backlog()} instance(s) waiting for workers"

@@ -7,6 +7,7 @@ Layout below the spool root::
     quarantine/<id>.dcm + <id>.txt     could not be read or processed (kept, with the reason)
     destinations/<name>/pending/<id>.dcm (+ <id>.json)   waiting for (re)delivery
     destinations/<name>/failed/<id>.dcm + <id>.json      given up on, with the reason
+    .lock                              flock'ed by the node that owns the spool; holds its PID
 
 An ``<id>`` sorts in arrival order. A file in ``incoming/`` is removed only after
 every destination of its rule has the result or holds it in its ``pending/`` folder.
@@ -15,6 +16,7 @@ every destination of its rule has the result or holds it in its ``pending/`` fol
 from __future__ import annotations
 
 import errno
+import fcntl
 import itertools
 import os
 import struct
@@ -30,6 +32,7 @@ from node.fsutil import TMP_SUFFIX, DurableFile, fsync_dir, makedirs_durably, wr
 PREAMBLE = b"\x00" * 128 + b"DICM"
 IMPLEMENTATION_CLASS_UID = "1.2.826.0.1.3680043.10.1497.1"
 IMPLEMENTATION_VERSION_NAME = "DICOM_NODE_010"
+LOCK_NAME = ".lock"
 # VRs whose explicit VR header has two reserved bytes and a 32-bit length (PS3.5 7.1.2).
 LONG_LENGTH_VRS = frozenset(
     {"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"}
@@ -63,6 +66,55 @@ class Arrival:
             peer_address=str(requestor.address),
             peer_port=int(requestor.port or 0),
         )
+
+
+class SpoolLock:
+    """The running node's claim on its spool: an ``flock`` on ``<spool>/.lock``.
+
+    Two nodes on one spool would each take the other's instances, and the second one's
+    :meth:`Spool.create` would delete the first one's writes in progress. The lock is
+    held for the node's lifetime and the kernel drops it however the process ends
+    (kill -9 included), so a stale PID in the file never blocks a restart. The file
+    descriptor is close-on-exec: worker processes do not inherit the lock.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.path = root / LOCK_NAME
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        """Take the lock, or raise :class:`SpoolError` naming the PID that holds it."""
+        try:
+            makedirs_durably(self.path.parent)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise SpoolError(
+                f"spool {self.path.parent}: cannot create its lock file "
+                f"({exc.strerror or exc}); check node.spool and the folder's owner"
+            ) from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_pid(fd)
+            os.close(fd)
+            raise SpoolError(
+                f"spool {self.path.parent} is in use by another dicom-node "
+                f"(PID {holder or 'unknown'}, holding {self.path}); stop it first, or give "
+                "this one another node.spool"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the last descriptor drops the flock
+            self._fd = None
+
+
+def _read_pid(fd: int) -> str:
+    text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+    return text if text.isdigit() else ""
 
 
 class Spool:

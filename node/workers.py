@@ -18,7 +18,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from io import BytesIO
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -37,10 +37,11 @@ from node.admission import Refusal, deflated_file_refusal
 from node.allocator import keep_large_buffers, release_free_memory
 from node.codecs import compress_dataset, passthrough
 from node.codecs.base import CompressResult, reraise_unless_codec_failure
-from node.config import Config, DicomDestination, FolderDestination, Rule
-from node.destinations import folder
+from node.config import Config, Rule
+from node.destinations import CannotDeliver, type_of
 from node.fsutil import is_permanent, link_or_copy_durably, makedirs_durably, write_durably
 from node.outbox import Failure, ItemState, Outbox
+from node.outcome import Outcome, Status
 from node.rules import Origin, first_match
 from node.spool import (
     IMPLEMENTATION_CLASS_UID,
@@ -64,27 +65,6 @@ META_GROUP_LENGTH = 0x00020000
 _REQUIRED_META = (0x00020001, 0x00020002, 0x00020003, 0x00020010, 0x00020012, 0x00020013)
 _TEXT_VRS = frozenset({"UI", "AE", "SH", "LO", "CS", "UR"})
 _INT_FORMATS = {"US": "<H", "SS": "<h", "UL": "<L", "SL": "<l"}
-
-
-@dataclass
-class Outcome:
-    """What happened to one incoming file; logged by the main process."""
-
-    incoming: str
-    status: str  # delivered | unrouted | quarantined
-    sop_instance_uid: str = ""
-    rule: str = ""
-    transfer_syntax: str = ""
-    compressed: bool = False
-    lossy: bool = False
-    reason: str | None = None
-    notes: list[str] = field(default_factory=list)
-    bytes_in: int = 0
-    bytes_out: int = 0
-    seconds: float = 0.0
-    delivered: list[str] = field(default_factory=list)
-    queued: list[str] = field(default_factory=list)  # pending in a destination's outbox
-    errors: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -320,16 +300,15 @@ def prepare_incoming(config: Config, path_text: str) -> Outcome | Prepared:
     started = time.perf_counter()
     path = Path(path_text)
     spool = Spool(config.node.spool)
-    outcome = Outcome(incoming=path.name, status="delivered", bytes_in=_size(path))
+    outcome = Outcome(incoming=path.name, status=Status.DELIVERED, bytes_in=_size(path))
     if not path.exists():
-        # Already handled (a crash between delivery and unlink, then a re-scan).
-        outcome.status = "gone"
+        outcome.status = Status.GONE
         return outcome
     refusal = _deflate_refusal(path, config.node.max_dataset_size)
     if refusal is not None:
         reason = f"not read: {refusal.comment}"
         spool.keep_aside(path, spool.quarantine, reason)
-        outcome.status, outcome.reason = "quarantined", reason
+        outcome.status, outcome.reason = Status.QUARANTINED, reason
         return outcome
     try:
         # Large values (Pixel Data) are read only if a codec asks for them.
@@ -338,7 +317,7 @@ def prepare_incoming(config: Config, path_text: str) -> Outcome | Prepared:
     except (InvalidDicomError, AttributeError, ValueError, EOFError, OSError, KeyError) as exc:
         reason = f"cannot be read as DICOM: {type(exc).__name__}: {exc}"
         spool.keep_aside(path, spool.quarantine, reason)
-        outcome.status, outcome.reason = "quarantined", reason
+        outcome.status, outcome.reason = Status.QUARANTINED, reason
         return outcome
     outcome.sop_instance_uid = str(ds.SOPInstanceUID)
     origin = Origin.from_file_meta(ds.file_meta)
@@ -349,7 +328,7 @@ def prepare_incoming(config: Config, path_text: str) -> Outcome | Prepared:
             f"calling AE {origin.calling_ae_title!r}, peer {origin.peer_address})"
         )
         spool.keep_aside(path, spool.unrouted, reason)
-        outcome.status, outcome.reason = "unrouted", reason
+        outcome.status, outcome.reason = Status.UNROUTED, reason
         return outcome
     outcome.rule = rule.name
     if rule.compress is None:
@@ -437,21 +416,16 @@ def _hand_over(
     for name in rule.send_to:
         dest = config.destinations[name]
         permanent: str | None = None
-        if isinstance(dest, FolderDestination):
-            try:
-                target = folder.target_path(dest, ds)
-                makedirs_durably(target.parent)
-                put(target)
+        try:
+            if type_of(dest).deliver(dest, ds, put):
                 outcome.delivered.append(name)
                 continue
-            except (OSError, folder.UnsafePathError) as exc:
-                if isinstance(exc, OSError) and is_permanent(exc):
-                    permanent = f"cannot write: {exc}"
-                    outcome.errors.append(f"{name}: {exc}; moved to failed/")
-                else:
-                    outcome.errors.append(f"{name}: {exc}; queued for retry")
-        elif not isinstance(dest, DicomDestination):
-            raise TypeError(f"unknown destination type {type(dest).__name__}")
+        except (OSError, CannotDeliver) as exc:
+            if isinstance(exc, OSError) and is_permanent(exc):
+                permanent = f"cannot write: {exc}"
+                outcome.errors.append(f"{name}: {exc}; moved to failed/")
+            else:
+                outcome.errors.append(f"{name}: {exc}; queued for retry")
         pending = spool.pending_dir(name)
         makedirs_durably(pending)
         put(pending / incoming.name)

@@ -2,14 +2,34 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib.resources
+import io
+import ipaddress
+import json
 import subprocess
 import sys
+import tempfile
 import textwrap
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pydicom.uid import UID
 
-from node.config import FolderDestination, load_config, parse_config
+from node.codecs.base import CompressSpec
+from node.codecs.spec import check_spec
+from node.codecs.syntaxes import known_names, lookup_syntax
+from node.config import (
+    RESTART_ONLY,
+    FolderDestination,
+    NodeSettings,
+    load_config,
+    parse_config,
+    yaml_keys,
+)
 from node.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -59,7 +79,7 @@ def test_relative_paths_resolve_against_the_config_folder() -> None:
     assert config.node.spool == Path("/srv/node/spool")
     assert config.destinations["archive"].path == Path("/srv/node/archive")
     assert config.rules[1].compress is None
-    assert config.rules[0].match.peer_networks == ("10.1.0.0/16",)
+    assert config.rules[0].match.peer_networks == (ipaddress.ip_network("10.1.0.0/16"),)
 
 
 @pytest.mark.parametrize(
@@ -182,3 +202,100 @@ def test_version() -> None:
         [sys.executable, "-m", "node.cli", "--version"], capture_output=True, text=True
     )
     assert result.returncode == 0 and result.stdout.startswith("dicom-node ")
+
+
+# --------------------------------------------------------------- config and codecs agree
+
+PARAMETER_VALUES = {
+    "max_error": [-1, 0, 2, 255, 256],
+    "compression_ratio": [0.5, 1, 1.5, 10],
+    "psnr": [0.5, 1, 40],
+    "quality": [0, 1, 90, 100, 101],
+    "plugin": ["pylibjpeg", "imagecodecs", "gdcm", "pydicom", "nope"],
+}
+
+
+def check_config(text: str) -> tuple[int, str]:
+    """``dicom-node check-config`` on ``text``, in this process: (exit code, stderr)."""
+    from node.cli import main
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "node.yaml"
+        path.write_text(text)
+        err = io.StringIO()
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+            code = main(["check-config", str(path)])
+    return code, err.getvalue()
+
+
+def compress_config(compress: dict[str, object]) -> str:
+    return textwrap.dedent(f"""
+        destinations:
+          archive: {{type: folder, path: archive}}
+        rules:
+          - name: one
+            compress: {json.dumps(compress)}
+            send_to: [archive]
+        """)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    name=st.sampled_from(known_names()),
+    parameters=st.dictionaries(
+        st.sampled_from(sorted(PARAMETER_VALUES)),
+        st.integers(0, 4),
+        max_size=3,
+    ),
+)
+def test_check_config_rejects_every_spec_the_codecs_reject(
+    name: str, parameters: dict[str, int]
+) -> None:
+    values = {
+        key: PARAMETER_VALUES[key][i % len(PARAMETER_VALUES[key])] for key, i in parameters.items()
+    }
+    spec = CompressSpec(transfer_syntax=UID(lookup_syntax(name).uid), **values)
+    code, stderr = check_config(compress_config({"transfer_syntax": name, **values}))
+    problem = check_spec(spec)
+    if problem is not None:
+        assert code == 1, f"check-config accepted {values} for {name}; the codecs say: {problem}"
+        assert stderr.startswith("dicom-node: rules[0].compress"), stderr
+    if code == 0:
+        assert problem is None
+
+
+def test_compression_ratio_of_one_is_refused_with_its_place(tmp_path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(compress_config({"transfer_syntax": "jpeg-2000", "compression_ratio": 1}))
+    result = subprocess.run(
+        [sys.executable, "-m", "node.cli", "check-config", str(bad)], capture_output=True, text=True
+    )
+    assert result.returncode == 1
+    assert (
+        result.stderr
+        == "dicom-node: rules[0].compress.compression_ratio: must be greater than 1, not 1\n"
+    )
+
+
+def test_the_shipped_default_is_the_embedded_one() -> None:
+    shipped = ROOT / "config" / "default.yaml"
+    embedded = importlib.resources.files("node").joinpath("default.yaml").read_bytes()
+    assert shipped.read_bytes() == embedded
+
+
+def test_every_node_setting_is_a_key_and_a_reload_keeps_the_restart_only_ones() -> None:
+    text = GOOD.replace("port: 11112", "port: 11112, max_associations: 3, workers: 4")
+    config = parse(text)
+    assert config.node.max_associations == 3 and config.node.workers == 4
+    assert set(yaml_keys(NodeSettings)) == {f.name for f in fields(NodeSettings)}
+    assert set(RESTART_ONLY) == {
+        "ae_title",
+        "host",
+        "port",
+        "spool",
+        "workers",
+        "max_pdu",
+        "tls",
+        "metrics",
+        "log_format",
+    }

@@ -6,6 +6,7 @@ import json
 import signal
 import ssl
 import subprocess
+import sys
 import urllib.request
 from pathlib import Path
 
@@ -313,3 +314,33 @@ def test_forwarding_over_tls_to_a_peer_that_wants_our_certificate(nodes, tmp_pat
         30,
         "an empty outbox",
     )
+
+
+def test_a_second_node_on_the_same_spool_refuses_to_start_and_names_the_first(
+    nodes, tmp_path
+) -> None:
+    first = nodes.start()
+    # The second node has its own port and config, but the first one's spool.
+    root = tmp_path / "second"
+    root.mkdir()
+    config, port = root / "node.yaml", free_port()
+    config.write_text(first.config.read_text().replace(f"port: {first.port}", f"port: {port}"))
+    second = subprocess.run(
+        [sys.executable, "-m", "node.cli", "run", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=root,
+    )
+    assert second.returncode == 2, second.stderr
+    assert f"is in use by another dicom-node (PID {first.proc.pid}" in second.stderr
+    assert str(first.spool) in second.stderr
+    # The first node is untouched and still works; once it is gone, the spool is free.
+    assert first.proc.poll() is None
+    ct = tmp_path / "ct.dcm"
+    images.make_ct(64, 64).save_as(ct, enforce_file_format=True)
+    storescu(first.port, [ct])
+    first.wait_archived(1)
+    assert first.stop() == 0
+    again = nodes.start(config.read_text(), root=root, port=port)
+    assert again.proc.poll() is None

@@ -68,14 +68,13 @@ from node.codecs.pixels import (
     one_line,
 )
 from node.codecs.plugins import available_encoders, check_plugin, library_of, node_plugin
+from node.codecs.spec import check_spec
 from node.codecs.syntaxes import BY_UID, lookup_syntax, profiles
 
 log = logging.getLogger(__name__)
 
 # dcmcjpls' default NEAR, used when a near-lossless rule sets no max_error.
 DEFAULT_MAX_ERROR = 2
-# JPEG-LS NEAR is at most 255 (ISO 14495-1 C.2.4.1.1: min(255, MAXVAL / 2)).
-MAX_NEAR = 255
 
 # Input syntaxes that are lossy whatever their parameters.
 _ALWAYS_LOSSY_INPUT = frozenset({JPEGBaseline8Bit, JPEGExtended12Bit})
@@ -113,45 +112,6 @@ __all__ = [
     "lookup_syntax",
     "to_little_endian",
 ]
-
-
-# --------------------------------------------------------------------------- config
-
-
-def check_spec(spec: CompressSpec) -> str | None:
-    """An error message if `spec` cannot be carried out on this machine, else None."""
-    info = BY_UID.get(str(spec.transfer_syntax))
-    if info is None:
-        return f"transfer syntax {spec.transfer_syntax} is not one the node can write"
-    problem = check_plugin(info.uid, spec.plugin)
-    if problem:
-        return problem
-    if spec.quality is not None:
-        if "quality" not in info.parameters:
-            return f"quality applies only to jpeg-baseline, not {info.name}"
-        if not isinstance(spec.quality, int) or not 1 <= spec.quality <= 100:
-            return f"quality must be an integer from 1 to 100, not {spec.quality!r}"
-    if spec.max_error is not None:
-        if info.uid != JPEGLSNearLossless:
-            return f"max_error applies only to jpeg-ls-near-lossless, not {info.name}"
-        if not isinstance(spec.max_error, int) or not 0 <= spec.max_error <= MAX_NEAR:
-            return f"max_error must be an integer from 0 to {MAX_NEAR}, not {spec.max_error!r}"
-    return _check_j2k_quality(spec, info)
-
-
-def _check_j2k_quality(spec: CompressSpec, info: SyntaxInfo) -> str | None:
-    given = [p for p in ("compression_ratio", "psnr") if getattr(spec, p) is not None]
-    if "compression_ratio" not in info.parameters:
-        if given:
-            return f"{given[0]} applies only to jpeg-2000 and htj2k, not {info.name}"
-        return None
-    if len(given) != 1:
-        return f"{info.name} needs exactly one of compression_ratio or psnr"
-    if spec.compression_ratio is not None and not spec.compression_ratio > 1:
-        return f"compression_ratio must be greater than 1, not {spec.compression_ratio}"
-    if spec.psnr is not None and not spec.psnr > 0:
-        return f"psnr must be positive (dB), not {spec.psnr}"
-    return None
 
 
 # --------------------------------------------------------------------------- entry

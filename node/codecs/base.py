@@ -65,7 +65,7 @@ class CompressSpec:
     # than the encoder (where one is installed) and compare it with the input: bit-exact
     # for lossless, within max_error for near-lossless. A mismatch keeps the original.
     # Costs about one decode per instance.
-    verify_lossless: bool = False
+    verify_lossless: bool = field(default=False, metadata={"key": "verify"})
     # Lossy coding of data that was already lossy compressed piles up artefacts, so it
     # is refused (the instance passes through) unless the rule opts in.
     allow_lossy_recompression: bool = False

@@ -28,9 +28,13 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, generate_uid
+from pynetdicom import evt
 from pynetdicom.association import Association
+from pynetdicom.events import Event
+from pynetdicom.presentation import PresentationContext, build_context
 
 from node.fsutil import TMP_SUFFIX, makedirs_durably, write_durably
+from node.outbox import Scheduler
 
 log = logging.getLogger("dicom_node.commitment")
 
@@ -283,3 +287,105 @@ def _failure_reason(item: Dataset) -> int | None:
 
 def transaction_uid(info: Dataset | None) -> str:
     return str(getattr(info, "TransactionUID", "") or "")
+
+
+# --------------------------------------------------------------------------- the flow
+
+# After an N-ACTION, keep the association open this long for a peer that sends its
+# N-EVENT-REPORT on it; a peer that finds it released opens a new one (PS3.4 J.3.3).
+COMMIT_LINGER_SECONDS = 2.0
+
+
+class CommitmentFlow:
+    """A DICOM destination's side of Storage Commitment, around its sender's batches.
+
+    The sender tells it what each association stored (:meth:`stored`) and hands it
+    the association at the end (:meth:`request`); it holds those instances back from
+    sending, asks the peer to commit them and settles them through ``committed`` and
+    ``not_committed`` when the report comes (on that association, or through the
+    node's SCP: :meth:`report_for`), or when it does not come in time (:meth:`expire`).
+    """
+
+    # One presentation context id is kept for the Push Model on every association.
+    RESERVED_CONTEXTS = 1
+
+    def __init__(
+        self,
+        folder: Path,
+        destination: str,
+        timeout: float,
+        linger: float,
+        scheduler: Scheduler,
+        committed: Committed,
+        not_committed: NotCommitted,
+        stopping: threading.Event,
+    ) -> None:
+        self.destination = destination
+        self.linger = min(COMMIT_LINGER_SECONDS, linger)
+        self.scheduler = scheduler
+        self.stopping = stopping
+        self.store = Commitments(folder, destination, timeout, committed, not_committed)
+
+    def load(self) -> None:
+        """Stored before a restart, still awaiting the peer's report: not sent again yet."""
+        self.scheduler.hold(self.store.load())
+
+    def expire(self) -> None:
+        self.store.expire()
+
+    def context(self) -> PresentationContext:
+        return build_context(PUSH_MODEL)
+
+    def report_handler(self) -> tuple[evt.EventType, Callable[[Event], tuple[int, None]]]:
+        """A peer may send the N-EVENT-REPORT on the association that stored the batch."""
+        return evt.EVT_N_EVENT_REPORT, self._event_report
+
+    def stored(self, item_id: str, reference: Reference) -> Reference:
+        """Stored, now awaiting commitment: held back from sending, kept in the outbox."""
+        self.scheduler.hold([item_id])
+        return reference
+
+    def request(self, assoc: Association, stored: dict[str, Reference]) -> None:
+        """Ask the peer to commit ``stored``, on the association that carried them."""
+        txn = self.store.open(stored)
+        context_id = _context_id(assoc, PUSH_MODEL)
+        if not assoc.is_established:
+            error = "association lost before storage commitment could be requested"
+        else:
+            try:
+                error = self.store.request(assoc, context_id, txn)
+            except Exception as exc:  # noqa: BLE001 - the instances must not wait for nothing
+                log.exception("%s: storage commitment request failed", self.destination)
+                error = f"storage commitment request failed: {exc}"
+        if error:
+            self.store.abandon(txn, error)
+            return
+        self._linger_for_report(assoc, txn)
+
+    def report_for(self, transaction_uid: str, event_type: int, info: Dataset | None) -> int | None:
+        """A report that reached the node's SCP: the status to answer, None if not ours."""
+        if not self.store.knows(transaction_uid):
+            return None
+        return self.store.report(event_type, info)
+
+    def _linger_for_report(self, assoc: Association, txn: Transaction) -> None:
+        deadline = time.monotonic() + self.linger
+        while (
+            self.store.knows(txn.uid)
+            and assoc.is_established
+            and not self.stopping.is_set()
+            and time.monotonic() < deadline
+        ):
+            time.sleep(0.02)
+
+    def _event_report(self, event: Event) -> tuple[int, None]:
+        """EVT_N_EVENT_REPORT on the sending association: settle, then answer."""
+        event_type = int(event.request.EventTypeID)
+        return self.store.report(event_type, event.event_information), None
+
+
+def _context_id(assoc: Association, abstract_syntax: UID) -> int | None:
+    for cx in assoc.accepted_contexts:
+        if cx.abstract_syntax == abstract_syntax:
+            return cx.context_id
+    return None

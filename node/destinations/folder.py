@@ -1,16 +1,29 @@
-"""Folder destination: a tree of Part 10 files laid out by a template of DICOM keywords."""
+"""Folder destination: a tree of Part 10 files laid out by a template of DICOM keywords.
+
+Workers write to the folder at once (:meth:`FolderType.deliver`); only a failed
+write (disk full, a share that is away) leaves the instance in the outbox, which
+:class:`~node.destinations.folder_retry.FolderRetryRunner` retries.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import os
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
 
+from pydicom.datadict import keyword_dict
 from pydicom.dataset import Dataset
 
-from node.config import FolderDestination
+from node.destinations import CannotDeliver, DestinationType, ParseContext, Put, Runner
+from node.errors import ConfigError
 from node.fsutil import link_or_copy_durably, makedirs_durably
+from node.schema import INTERNAL, as_path, defaults, reject_unknown, yaml_keys
+
+if TYPE_CHECKING:
+    from node.spool import Spool
 
 PLACEHOLDER = "UNKNOWN"
 # A path component's length in bytes (UTF-8), not characters: NAME_MAX is 255 bytes on
@@ -23,7 +36,15 @@ _FIELD = re.compile(r"\{([^{}]+)\}")
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f/\\:*?\"<>|]")
 
 
-class UnsafePathError(Exception):
+@dataclass(frozen=True)
+class FolderDestination:
+    name: str = field(metadata=INTERNAL)
+    path: Path
+    layout: str = "{PatientID}/{StudyInstanceUID}/{SeriesInstanceUID}/{SOPInstanceUID}.dcm"
+    type: Literal["folder"] = "folder"
+
+
+class UnsafePathError(CannotDeliver):
     """A layout produced a path outside the destination folder (should not happen)."""
 
 
@@ -81,12 +102,77 @@ def target_path(dest: FolderDestination, ds: Dataset) -> Path:
     return path
 
 
-def deliver(dest: FolderDestination, ds: Dataset, encoded: Path) -> Path:
-    """Put the encoded file for ``ds`` at its layout path, atomically and durably.
+def deliver_with(dest: FolderDestination, ds: Dataset, put: Put) -> Path:
+    """Have ``put`` write the file for ``ds`` at its layout path; return that path.
 
-    The same SOP Instance UID delivered again replaces its file (idempotent).
+    ``put`` writes atomically and durably; the same SOP Instance UID delivered again
+    replaces its file (idempotent).
     """
     path = target_path(dest, ds)
     makedirs_durably(path.parent)
-    link_or_copy_durably(encoded, path)
+    put(path)
     return path
+
+
+def deliver(dest: FolderDestination, ds: Dataset, encoded: Path) -> Path:
+    """Put the encoded file ``encoded`` for ``ds`` at its layout path (linked or copied)."""
+    return deliver_with(dest, ds, lambda path: link_or_copy_durably(encoded, path))
+
+
+# --------------------------------------------------------------------------- the type
+
+
+class FolderType(DestinationType[FolderDestination]):
+    name = "folder"
+    settings = FolderDestination
+
+    def parse(
+        self, name: str, body: dict[str, Any], where: str, context: ParseContext
+    ) -> FolderDestination:
+        reject_unknown(body, where, yaml_keys(FolderDestination))
+        if "path" not in body:
+            raise ConfigError(f"{where}.path: required for a folder destination")
+        layout = body.get("layout", defaults(FolderDestination)["layout"])
+        validate_layout(layout, f"{where}.layout")
+        path = as_path(body["path"], f"{where}.path", context.base_dir)
+        return FolderDestination(name=name, path=path, layout=layout)
+
+    def describe(self, dest: FolderDestination) -> str:
+        return f"folder {dest.path} layout {dest.layout}"
+
+    def summary(self, dest: FolderDestination) -> str:
+        return f"folder {dest.path}"
+
+    def deliver(self, dest: FolderDestination, ds: Dataset, put: Put) -> bool:
+        deliver_with(dest, ds, put)
+        return True
+
+    def runner(self, dest: FolderDestination, spool: Spool) -> Runner:
+        from node.destinations.folder_retry import FolderRetryRunner
+
+        return FolderRetryRunner(dest, spool)
+
+
+TYPE = FolderType()
+
+
+_LAYOUT_FIELD = re.compile(r"\{([^{}]*)\}")
+
+
+def validate_layout(layout: Any, where: str) -> None:
+    if not isinstance(layout, str) or not layout.strip():
+        raise ConfigError(
+            f"{where}: expected a path template such as '{{PatientID}}/{{SOPInstanceUID}}.dcm'"
+        )
+    fields = _LAYOUT_FIELD.findall(layout)
+    if "{" in _LAYOUT_FIELD.sub("", layout) or "}" in _LAYOUT_FIELD.sub("", layout):
+        raise ConfigError(f"{where}: unbalanced braces in {layout!r}")
+    for name in fields:
+        if name not in keyword_dict:
+            raise ConfigError(f"{where}: {{{name}}} is not a DICOM keyword (e.g. PatientID)")
+    if "SOPInstanceUID" not in fields:
+        raise ConfigError(
+            f"{where}: must contain {{SOPInstanceUID}} so that each instance gets its own file"
+        )
+    if layout.startswith("/") or ".." in Path(_LAYOUT_FIELD.sub("x", layout)).parts:
+        raise ConfigError(f"{where}: must be a relative path below the destination's path")

@@ -13,10 +13,11 @@ import threading
 import pydicom
 from pydicom.errors import InvalidDicomError
 
-from node.config import FolderDestination, RetryPolicy
-from node.destinations import folder
+from node.destinations import Runner, folder
+from node.destinations.folder import FolderDestination
 from node.fsutil import is_permanent
 from node.outbox import Failure, Outbox, Scheduler, Waker
+from node.schema import RetryPolicy
 from node.spool import Spool
 
 log = logging.getLogger("dicom_node.folder")
@@ -25,7 +26,7 @@ POLL_SECONDS = 2.0
 BATCH = 100
 
 
-class FolderRetryRunner:
+class FolderRetryRunner(Runner):
     """Delivers a folder destination's pending instances with backoff."""
 
     def __init__(self, dest: FolderDestination, spool: Spool, policy: RetryPolicy | None = None):
