@@ -20,7 +20,7 @@ from pathlib import Path
 from pydicom import dcmread
 from pynetdicom import AE
 
-from node.destinations.dicom import keep_responses_from_the_reactor
+from node.pynetdicom_private import keep_responses_from_the_reactor
 
 
 def presentation_contexts(files: list[Path]) -> set[tuple[str, str]]:

@@ -38,6 +38,7 @@ from pynetdicom.sop_class import StorageCommitmentPushModel, Verification
 
 from node.admission import DEFLATED, EXPLICIT_VR_LITTLE_ENDIAN, Inflater, Refusal, command_refusal
 from node.fsutil import DurableFile
+from node.pynetdicom_private import Handover, socket_of
 from node.spool import Arrival, Spool
 from node.statuses import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, SUCCESS
 
@@ -128,49 +129,6 @@ def is_servable(assoc: Any, is_storage: Callable[[UID], bool]) -> bool:
     )
 
 
-class Handover:
-    """Moves an established association's socket from pynetdicom's DUL thread to ours.
-
-    pynetdicom's DUL thread sends the A-ASSOCIATE-AC and would then read the first
-    P-DATA. It is held at that point (state Sta6) until the association thread decides:
-    take the socket over (the DUL thread then ends without reading), or leave it to
-    pynetdicom.
-    """
-
-    def __init__(self, assoc: Any, wait_seconds: float) -> None:
-        self._assoc = assoc
-        self._decided = threading.Event()
-        self._taken = False
-        self._wait = wait_seconds
-        dul = assoc.dul
-        self._original = dul._is_transport_event
-        # Private pynetdicom API (one reason it is pinned below 3.1): the DUL reactor
-        # calls this once per loop to read the next PDU.
-        dul._is_transport_event = self._transport_event
-
-    def _transport_event(self) -> bool:
-        dul = self._assoc.dul
-        if dul.state_machine.current_state != "Sta6":
-            return self._original()
-        self._decided.wait(self._wait)
-        if self._taken:
-            dul._kill_thread = True  # leave the loop without touching the socket
-            return False
-        dul._is_transport_event = self._original
-        return self._original()
-
-    def decide(self, take: bool) -> bool:
-        """Record the decision; if taking, wait until the DUL thread has let go."""
-        self._taken = take
-        self._decided.set()
-        if take:
-            self._assoc.dul.join(self._wait)
-            if self._assoc.dul.is_alive():
-                log.error("pynetdicom's DUL thread did not stop; aborting the association")
-                return False
-        return True
-
-
 @dataclass
 class _Command:
     """A command set being gathered from its fragments."""
@@ -214,7 +172,7 @@ class DataPhase:
     def __init__(self, assoc: Any, target: StoreTarget, network_timeout: float | None) -> None:
         self.assoc = assoc
         self.target = target
-        self.sock: socket.socket = assoc.dul.socket.socket
+        self.sock: socket.socket = socket_of(assoc)
         self.sock.settimeout(network_timeout)
         self._send_lock = threading.Lock()
         self._aborted_locally = False

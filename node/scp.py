@@ -20,8 +20,6 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
-import pynetdicom
-import pynetdicom.acse
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 from pynetdicom import AE, evt
@@ -38,7 +36,13 @@ from node.config import NodeSettings, TlsSettings
 from node.dataphase import StoreTarget
 from node.errors import StartupError
 from node.metrics import Metrics
-from node.pynetdicom_private import protect_acceptor
+from node.pynetdicom_private import (
+    Negotiate,
+    enable_unrestricted_storage,
+    is_storage_like,
+    protect_acceptor,
+    shorter_dul_poll,
+)
 from node.rules import in_networks
 from node.spool import Spool
 from node.statuses import PROCESSING_FAILURE
@@ -131,34 +135,30 @@ def enable_any_storage_class() -> None:
     syntax whatever it is; we narrow that to :data:`ACCEPTED_TRANSFER_SYNTAXES` so
     that nothing the workers cannot read is ever acknowledged.
     """
-    pynetdicom._config.UNRESTRICTED_STORAGE_SERVICE = True
-    original = pynetdicom.presentation.negotiate_unrestricted
-    if getattr(pynetdicom.acse.negotiate_unrestricted, "_dicom_node", False):
-        return
+    enable_unrestricted_storage(_negotiate)
 
-    def negotiate(
-        rq_contexts: list[PresentationContext],
-        ac_contexts: list[PresentationContext],
-        roles: Any = None,
-    ) -> Any:
-        kept, refused = [], []
-        for rcx in rq_contexts:
-            if not _is_storage_like(UID(rcx.abstract_syntax)):
-                kept.append(rcx)
-                continue
-            readable = [ts for ts in rcx.transfer_syntax if ts in _ACCEPTED]
-            if readable:
-                kept.append(_context(rcx, readable))
-            else:
-                refused.append(
-                    _context(rcx, rcx.transfer_syntax[:1], result=_TRANSFER_SYNTAXES_NOT_SUPPORTED)
-                )
-        result, reply_roles = original(kept, ac_contexts, roles)
-        result, reply_roles = _commitment_only_as_peer_scp(result, reply_roles, roles or {})
-        return sorted(result + refused, key=lambda cx: cx.context_id), reply_roles
 
-    negotiate._dicom_node = True  # type: ignore[attr-defined]
-    pynetdicom.acse.negotiate_unrestricted = negotiate
+def _negotiate(
+    original: Negotiate,
+    rq_contexts: list[PresentationContext],
+    ac_contexts: list[PresentationContext],
+    roles: Any,
+) -> Any:
+    kept, refused = [], []
+    for rcx in rq_contexts:
+        if not _is_storage_like(UID(rcx.abstract_syntax)):
+            kept.append(rcx)
+            continue
+        readable = [ts for ts in rcx.transfer_syntax if ts in _ACCEPTED]
+        if readable:
+            kept.append(_context(rcx, readable))
+        else:
+            refused.append(
+                _context(rcx, rcx.transfer_syntax[:1], result=_TRANSFER_SYNTAXES_NOT_SUPPORTED)
+            )
+    result, reply_roles = original(kept, ac_contexts, roles)
+    result, reply_roles = _commitment_only_as_peer_scp(result, reply_roles, roles or {})
+    return sorted(result + refused, key=lambda cx: cx.context_id), reply_roles
 
 
 def _commitment_only_as_peer_scp(
@@ -183,11 +183,7 @@ def _commitment_only_as_peer_scp(
 
 
 def _is_storage_like(uid: UID) -> bool:
-    # The same test pynetdicom's unrestricted negotiation applies.
-    from pynetdicom import sop_class
-    from pynetdicom.sop_class import _STORAGE_CLASSES
-
-    return uid.is_private or uid in _STORAGE_CLASSES.values() or not hasattr(sop_class, uid.keyword)
+    return is_storage_like(uid)
 
 
 def _context(
@@ -400,10 +396,9 @@ def _shorter_dul_poll(event: Event) -> None:
 
     Measured with benchmarks/bench.py (CT, one storescu, two A/B pairs): 173 and 187
     against 153 and 161 images/s receive-only. The price: an idle association costs
-    about 11 % of a core instead of 7 %. ``_run_loop_delay`` is private, which is one
-    reason pynetdicom is pinned below 3.1.
+    about 11 % of a core instead of 7 %.
     """
-    event.assoc.dul._run_loop_delay = DUL_POLL_SECONDS
+    shorter_dul_poll(event.assoc, DUL_POLL_SECONDS)
 
 
 def _no_commitment_expected(event_type: int, info: Dataset | None) -> int:

@@ -37,7 +37,7 @@ def guarded(assoc: Any) -> Any:
     """A test's own pynetdicom association, guarded like the node's (see
     ``keep_responses_from_the_reactor``): pynetdicom's reactor can take a C-STORE
     response from a waiting ``send_*``, which then waits out its DIMSE timeout."""
-    from node.destinations.dicom import keep_responses_from_the_reactor
+    from node.pynetdicom_private import keep_responses_from_the_reactor
 
     if assoc.is_established:
         keep_responses_from_the_reactor(assoc)

@@ -353,3 +353,34 @@ def test_folder_names_fit_in_bytes_keep_their_extension_and_stay_apart() -> None
     for name in fitted:
         assert len(name.encode()) <= MAX_NAME_BYTES and name.endswith(".dcm")
     assert fit_name("short.dcm") == "short.dcm"
+
+
+def test_pynetdicom_private_api_is_fenced_in_one_module() -> None:
+    """Only node/pynetdicom_private.py reaches into pynetdicom's private API, and it
+    refuses to load with a pynetdicom it was not written for."""
+    import re
+
+    import node
+
+    private = re.compile(
+        r"\._(run_loop_delay|is_transport_event|kill_thread|config|reactor_checkpoint|"
+        r"serve_request|STORAGE_CLASSES)\b|\.dul\.|from pynetdicom\.\w+ import _"
+    )
+    root = Path(node.__file__).parent
+    offenders = [
+        f"{path.relative_to(root)}:{n}"
+        for path in root.rglob("*.py")
+        if path.name != "pynetdicom_private.py"
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if private.search(line)
+    ]
+    assert offenders == []
+    import subprocess
+    import sys
+
+    probe = (
+        "import pynetdicom; pynetdicom.__version__ = '3.1.0'\n"
+        "try:\n    import node.pynetdicom_private\nexcept ImportError as e:\n    print(e)"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert "pynetdicom 3.0; 3.1.0 is installed" in out.stdout, out

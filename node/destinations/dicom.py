@@ -180,7 +180,7 @@ _MOVED = {
     "ContextPlan": "node.destinations.dicom_net",
     "associate": "node.destinations.dicom_net",
     "echo": "node.destinations.dicom_net",
-    "keep_responses_from_the_reactor": "node.destinations.dicom_net",
+    "keep_responses_from_the_reactor": "node.pynetdicom_private",
     "new_ae": "node.destinations.dicom_net",
 }
 

@@ -1,7 +1,8 @@
 """Talking DICOM to a destination's peer: associations, presentation contexts, C-ECHO.
 
 Shared by the sender (:mod:`node.destinations.dicom_sender`) and ``dicom-node echo``.
-Every association the node opens is guarded by :func:`keep_responses_from_the_reactor`.
+Every association the node opens is guarded by
+:func:`node.pynetdicom_private.keep_responses_from_the_reactor`.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pynetdicom.sop_class import Verification
 
 from node.destinations.dicom import ClientTls, DicomDestination
 from node.errors import DeliveryError
+from node.pynetdicom_private import keep_responses_from_the_reactor, socket_of
 
 UNCOMPRESSED: tuple[UID, ...] = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 MAX_CONTEXTS = 128  # PS3.8 9.3.2.2: context ids are odd numbers 1-255
@@ -82,34 +84,9 @@ class ContextPlan:
 
 def _no_delay(event: Event) -> None:
     """Nagle's algorithm off: otherwise each C-STORE can wait ~40 ms for a delayed ACK."""
-    sock = event.assoc.dul.socket
-    if sock is not None and sock.socket is not None:
-        sock.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
-def keep_responses_from_the_reactor(assoc: Association) -> None:
-    """Guard a requestor's association against a pynetdicom race that loses a response.
-
-    pynetdicom 3.0's reactor thread takes requests from the peer off the DIMSE queue;
-    ``send_c_store`` and the other ``send_*`` pause it (clear a checkpoint, wait until
-    it says paused) and then wait on the same queue for their response. A reactor that
-    has just passed the checkpoint when the pause starts can still take the response:
-    it logs "Received unexpected C-STORE service message" and drops it, and the sender
-    waits out the DIMSE timeout, then aborts the association. The benchmark's timed
-    pynetdicom sender hit this twice in about 18,000 C-STOREs (a 60 s stall each).
-    Here a response the reactor takes while a request is waiting for it (checkpoint
-    cleared) goes back on the queue. Private pynetdicom API, like ``Handover`` in
-    :mod:`node.dataphase`: one reason pynetdicom is pinned below 3.1.
-    """
-    serve_request = assoc._serve_request
-
-    def serve_or_put_back(msg: Any, context_id: int) -> None:
-        if not msg.is_valid_request and not assoc._reactor_checkpoint.is_set():
-            assoc.dimse.msg_queue.put((context_id, msg))
-            return
-        serve_request(msg, context_id)
-
-    assoc._serve_request = serve_or_put_back  # type: ignore[method-assign]
+    sock = socket_of(event.assoc)
+    if sock is not None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def client_tls_context(tls: ClientTls) -> ssl.SSLContext:

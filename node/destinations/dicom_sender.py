@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
-import pynetdicom._config
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_file_meta_info
 from pydicom.pixels import get_decoder
@@ -49,6 +48,7 @@ from node.destinations.dicom_net import (
 )
 from node.destinations.peer import PeerHealth
 from node.outbox import Failure, Outbox, Scheduler, Waker, arrival_time
+from node.pynetdicom_private import send_files_as_they_are
 from node.spool import Spool
 
 log = logging.getLogger("dicom_node.dicom")
@@ -155,10 +155,8 @@ class DicomRunner(Runner):
     # ---------------------------------------------------------------- Runner protocol
 
     def start(self) -> None:
-        # Send files as they are on disk, without decoding them: pynetdicom streams
-        # them in PDU-sized chunks (a process-wide switch; the node sends no other
-        # C-STORE by path, and data sets passed as objects are still encoded).
-        pynetdicom._config.STORE_SEND_CHUNKED_DATASET = True
+        # Send files as they are on disk, without decoding them.
+        send_files_as_they_are()
         self.outbox.create()
         self.peer.load()
         if self.commitment is not None:
