@@ -10,11 +10,12 @@ from typing import TYPE_CHECKING
 
 from node import __version__
 from node.allocator import keep_large_buffers
-from node.config import Config, DicomDestination, FolderDestination, load_config
+from node.config import Config, Destination, DicomDestination, FolderDestination, load_config
 from node.errors import ConfigError, NodeError
 
 if TYPE_CHECKING:
     from node.outbox import Outbox
+    from node.spool import Spool
 
 # How many retrying and failed instances `dicom-node queue` lists per destination.
 SHOWN = 20
@@ -72,7 +73,9 @@ def _parser() -> argparse.ArgumentParser:
     retry.set_defaults(handler=_queue_retry)
 
     echo = commands.add_parser(
-        "echo", help="C-ECHO a dicom destination and list the transfer syntaxes it accepts"
+        "echo",
+        help="C-ECHO a dicom destination and list the transfer syntaxes it accepts; "
+        "probe a dicomweb destination with an authenticated QIDO-RS query",
     )
     echo.add_argument("destination", metavar="DESTINATION")
     echo.add_argument("--config", metavar="PATH", help="YAML config (default: embedded)")
@@ -130,14 +133,14 @@ def _queue(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     spool = Spool(config.node.spool)
     blocks = [
-        _describe_outbox(name, dest, Outbox(spool, name))
+        _describe_outbox(name, dest, Outbox(spool, name), spool)
         for name, dest in config.destinations.items()
     ]
     print("\n".join(blocks) if blocks else "no destinations")
     return 0
 
 
-def _describe_outbox(name: str, dest: DicomDestination | FolderDestination, outbox: Outbox) -> str:
+def _describe_outbox(name: str, dest: Destination, outbox: Outbox, spool: Spool) -> str:
     import time
 
     from node.outbox import sop_instance_uid_of
@@ -146,14 +149,19 @@ def _describe_outbox(name: str, dest: DicomDestination | FolderDestination, outb
     pending = outbox.list_pending()
     retrying = [p for p in pending if p.state.attempts]
     failed = outbox.list_failed()
-    where = (
-        f"dicom {dest.ae_title}@{dest.host}:{dest.port}"
-        if isinstance(dest, DicomDestination)
-        else f"folder {dest.path}"
-    )
+    extra: list[str] = []
+    if isinstance(dest, DicomDestination):
+        where = f"dicom {dest.ae_title}@{dest.host}:{dest.port}"
+    elif isinstance(dest, FolderDestination):
+        where = f"folder {dest.path}"
+    else:  # dicomweb (issue 17): its description and whether it is held for credentials
+        from node.destinations.dicomweb import describe_outbox_lines
+
+        where, *extra = describe_outbox_lines(dest, spool)
     lines = [
         f"{name} ({where}): {len(pending) - len(retrying)} pending, {len(retrying)} retrying, "
-        f"{len(failed)} failed"
+        f"{len(failed)} failed",
+        *extra,
     ]
     peer = outbox.read_peer()
     if peer.failures:
@@ -218,6 +226,10 @@ def _echo(args: argparse.Namespace) -> int:
 
     config = load_config(args.config)
     dest = _destination(config, args.destination)
+    if dest.type == "dicomweb":  # dicomweb (issue 17): a QIDO-RS probe
+        from node.destinations.dicomweb import print_echo
+
+        return print_echo(dest)
     if not isinstance(dest, DicomDestination):
         raise ConfigError(f"destinations.{args.destination}: a folder destination cannot be echoed")
     report = echo(dest, args.sop_class, ACCEPTED_TRANSFER_SYNTAXES)
@@ -236,7 +248,7 @@ def _echo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _destination(config: Config, name: str) -> DicomDestination | FolderDestination:
+def _destination(config: Config, name: str) -> Destination:
     if name not in config.destinations:
         raise ConfigError(
             f"{name!r} is not a destination of {config.source}; defined: "
@@ -262,6 +274,10 @@ def describe(config: Config) -> str:
                 f"  {name}: dicom {dest.ae_title}@{dest.host}:{dest.port} "
                 f"(as {dest.calling_ae_title}, fallback {dest.fallback})"
             )
+        else:  # dicomweb (issue 17)
+            from node.destinations.dicomweb_config import describe_dicomweb
+
+            lines.append(f"  {name}: {describe_dicomweb(dest)}")
     lines.append("rules (first match wins):")
     for i, rule in enumerate(config.rules):
         conditions = [f"{k} in {list(v)}" for k, v in rule.match.attributes]

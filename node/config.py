@@ -12,7 +12,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Union
 
 import yaml
 from pydicom.datadict import keyword_dict
@@ -21,6 +21,9 @@ from pydicom.uid import UID
 from node.codecs.base import CompressSpec
 from node.codecs.syntaxes import known_names, lookup_syntax
 from node.errors import ConfigError
+
+if TYPE_CHECKING:  # dicomweb (issue 17): its config lives in its own module
+    from node.destinations.dicomweb_config import DicomwebDestination
 
 DEFAULT_MAX_PDU = 1_048_576
 AE_TITLE_MAX = 16
@@ -78,7 +81,8 @@ class DicomDestination:
     type: Literal["dicom"] = "dicom"
 
 
-Destination = FolderDestination | DicomDestination
+# dicomweb (issue 17): a forward reference, its module imports this one.
+Destination = Union[FolderDestination, DicomDestination, "DicomwebDestination"]  # noqa: UP007
 
 
 @dataclass(frozen=True)
@@ -350,9 +354,13 @@ def _parse_destinations(raw: Any, base_dir: Path, node: NodeSettings) -> dict[st
             result[name] = _parse_folder(name, body, where, base_dir)
         elif kind == "dicom":
             result[name] = _parse_dicom(name, body, where, node, base_dir)
+        elif kind == "dicomweb":  # dicomweb (issue 17)
+            from node.destinations.dicomweb_config import parse_dicomweb
+
+            result[name] = parse_dicomweb(name, body, where, base_dir)
         else:
             raise ConfigError(
-                f"{where}.type: {kind!r} is not a destination type; known: folder, dicom"
+                f"{where}.type: {kind!r} is not a destination type; known: folder, dicom, dicomweb"
             )
     return result
 

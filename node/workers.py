@@ -411,7 +411,7 @@ def _hand_over(
                 continue
             except (OSError, folder.UnsafePathError) as exc:
                 outcome.errors.append(f"{name}: {exc}; queued for retry")
-        elif not isinstance(dest, DicomDestination):
+        elif not isinstance(dest, DicomDestination) and dest.type != "dicomweb":  # issue 17
             raise TypeError(f"unknown destination type {type(dest).__name__}")
         pending = spool.pending_dir(name)
         makedirs_durably(pending)

@@ -38,6 +38,10 @@ def start_runners(config: Config, spool: Spool) -> dict[str, Runner]:
                 runner = DicomRunner(dest, spool)
             elif isinstance(dest, FolderDestination):
                 runner = FolderRetryRunner(dest, spool)
+            elif dest.type == "dicomweb":  # dicomweb (issue 17)
+                from node.destinations.dicomweb import DicomwebRunner
+
+                runner = DicomwebRunner(dest, spool)
             else:
                 continue
             runner.start()
