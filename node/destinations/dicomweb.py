@@ -663,8 +663,8 @@ class DicomwebRunner:
             if not parts:
                 return True
             reply = self._post(client, parts)
-            if reply.status in (401, 403) and self._held is None:
-                # Credentials may have expired: fetch them again, once.
+            if reply.status in (401, 403):
+                # Credentials may have expired (or been fixed): fetch them again, once.
                 try:
                     self._credentials.refresh()
                     reply = self._post(client, parts)
