@@ -9,11 +9,13 @@ nothing is left pending or in ``failed/`` twice.
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import os
 import signal
 import socket
+import ssl
 import struct
 import subprocess
 import sys
@@ -42,7 +44,7 @@ from node.destinations.dicomweb import (
     reason_verdict,
     retry_after,
 )
-from node.destinations.dicomweb_config import AuthKind, DicomwebAuth, DicomwebDestination
+from node.destinations.dicomweb_config import AuthKind, DicomwebAuth, DicomwebDestination, HttpTls
 from node.errors import ConfigError
 from node.outbox import Outbox
 from node.spool import Spool
@@ -100,7 +102,11 @@ class Archive:
     default every instance is stored. ``reset`` and ``hang`` name request numbers to
     cut mid-body (TCP RST) or to leave unanswered."""
 
-    def __init__(self, script: Callable[[Archive, Seen], Answer] | None = None) -> None:
+    def __init__(
+        self,
+        script: Callable[[Archive, Seen], Answer] | None = None,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
         self.script = script or (lambda archive, seen: archive.store(seen.uids))
         self.requests: list[Seen] = []
         self.stored: list[str] = []
@@ -108,13 +114,18 @@ class Archive:
         self.hang: set[int] = set()
         self.released = threading.Event()
         self.lock = threading.Lock()
+        self.token_requests: list[bytes] = []
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.server.daemon_threads = True
+        self.scheme = "http"
+        if tls is not None:
+            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
+            self.scheme = "https"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}/dicom-web"
+        return f"{self.scheme}://127.0.0.1:{self.server.server_address[1]}/dicom-web"
 
     def store(
         self, uids: list[str], failed: dict[str, int] | None = None, status: int = 200
@@ -136,9 +147,18 @@ class Archive:
             protocol_version = "HTTP/1.1"
 
             def do_POST(self) -> None:  # noqa: N802 - the name http.server calls
+                length = int(self.headers["Content-Length"])
+                if self.path == "/token":  # an OAuth token endpoint, for google-auth
+                    archive.token_requests.append(self.rfile.read(length))
+                    body = json.dumps({"access_token": "ya29.test", "expires_in": 3600}).encode()
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                    return
                 with archive.lock:
                     number = archive._next_number()
-                length = int(self.headers["Content-Length"])
                 if number in archive.reset:
                     self.rfile.read(min(length, 5000))
                     # SO_LINGER 0: close() sends a RST, mid-body from the sender's view.
@@ -165,8 +185,11 @@ class Archive:
                 self.wfile.write(answer.body)
 
             def do_GET(self) -> None:  # noqa: N802 - QIDO-RS for `dicom-node echo`
-                body = b"[]"
-                self.send_response(200)
+                # The script judges the credentials; an empty study list otherwise.
+                seen = Seen(0, [], [], self.headers.get("Authorization", ""), time.monotonic())
+                status = archive.script(archive, seen).status
+                body = b"[]" if status < 400 else b""
+                self.send_response(200 if status < 400 else status)
                 self.send_header("Content-Type", "application/dicom+json")
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
@@ -708,6 +731,7 @@ def test_kill_9_mid_request_then_restart_delivers_everything(
         paths.append(folder / f"{i}.dcm")
         ds.save_as(paths[-1], enforce_file_format=True)
     storescu(node.port, paths)  # all acknowledged
+
     def hung() -> list[str]:
         return next((r.uids for r in archive.requests if r.number == 1), [])
 
@@ -813,3 +837,119 @@ def test_memory_a_large_multiframe_instance_is_streamed(nodes, tmp_path: Path) -
     finally:
         sink.server.shutdown()
         sink.server.server_close()
+
+
+# ----------------------------------------------------------------------------- auth and TLS
+
+
+def test_https_with_a_private_ca_a_client_certificate_and_basic_auth(
+    tmp_path: Path, archives: list[Archive]
+) -> None:
+    from tests.test_operations import make_certificates
+
+    certs = make_certificates(tmp_path / "certs")
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=certs["ca.crt"])
+    server_tls.load_cert_chain(certs["server.crt"], certs["server.key"])
+    server_tls.verify_mode = ssl.CERT_REQUIRED  # the archive wants our certificate
+    password = tmp_path / "password"
+    password.write_text("s3cret\n")
+    expected = "Basic " + base64.b64encode(b"node:s3cret").decode()
+
+    def script(archive: Archive, seen: Seen) -> Answer:
+        if seen.authorization != expected:
+            return Answer(401, b"who are you")
+        return archive.store(seen.uids)
+
+    archive = Archive(script, tls=server_tls)
+    archives.append(archive)
+    spool = Spool(tmp_path / "spool")
+    uids = fill_outbox(spool, "cloud", small_cts(3))
+    tls = HttpTls(certs["ca.crt"], certs["client.crt"], certs["client.key"])
+    auth = DicomwebAuth(AuthKind.BASIC, username="node", password_file=password)
+    drain(destination(archive.url, tls=tls, auth=auth), spool)
+    assert_settled(spool, archive, uids)
+
+    def echo(tls_yaml: str) -> subprocess.CompletedProcess[str]:
+        auth_yaml = f"auth: {{type: basic, username: node, password_file: {password}}}"
+        body = dicomweb_yaml(archive.url, f"{auth_yaml}\n  tls: {tls_yaml}")
+        config = tmp_path / "node.yaml"
+        config.write_text(default_config(tmp_path, 11112, extra_destinations=body))
+        return subprocess.run(
+            [sys.executable, "-m", "node.cli", "echo", "cloud", "--config", str(config)],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+        )
+
+    full = (
+        f"{{ca: {certs['ca.crt']}, certificate: {certs['client.crt']}, "
+        f"private_key: {certs['client.key']}}}"
+    )
+    ok = echo(full)
+    assert ok.returncode == 0, ok.stderr
+    assert "basic credentials accepted; TLS verified" in ok.stdout
+    no_ca = echo(f"{{certificate: {certs['client.crt']}, private_key: {certs['client.key']}}}")
+    assert no_ca.returncode == 4 and "TLS with" in no_ca.stderr and "certificate" in no_ca.stderr
+    password.write_text("wrong\n")
+    refused = echo(full)
+    assert refused.returncode == 4
+    assert "URL and TLS work, but the archive refuses the basic credentials" in refused.stderr
+
+
+def test_google_service_account_token_from_a_local_token_endpoint(
+    tmp_path: Path, archives: list[Archive]
+) -> None:
+    """google-auth signs a JWT with the service-account key and trades it at the key's
+    token_uri; here that is the scripted archive, so the whole exchange runs offline."""
+    from tests.test_operations import make_certificates
+
+    def script(archive: Archive, seen: Seen) -> Answer:
+        if seen.authorization != "Bearer ya29.test":
+            return Answer(401, b"no token")
+        return archive.store(seen.uids)
+
+    archive = Archive(script)
+    archives.append(archive)
+    certs = make_certificates(tmp_path / "certs")
+    key = tmp_path / "service-account.json"
+    key.write_text(
+        json.dumps(
+            {
+                "type": "service_account",
+                "project_id": "test",
+                "private_key_id": "1",
+                "private_key": certs["client.key"].read_text(),
+                "client_email": "node@test.iam.gserviceaccount.com",
+                "client_id": "1",
+                "token_uri": archive.url.replace("/dicom-web", "/token"),
+            }
+        )
+    )
+    spool = Spool(tmp_path / "spool")
+    uids = fill_outbox(spool, "cloud", small_cts(3))
+    auth = DicomwebAuth(AuthKind.GOOGLE, credentials_file=key)
+    drain(destination(archive.url, auth=auth, max_parallel_requests=1), spool)
+    assert_settled(spool, archive, uids)
+    assert len(archive.token_requests) == 1  # one token, reused until it expires
+    grant = b"grant_type=urn%3Aietf%3Aparams%3Aoauth%3Agrant-type%3Ajwt-bearer"
+    assert grant in archive.token_requests[0]
+
+
+def test_orthanc_refuses_a_broken_instance_and_takes_the_others(
+    orthanc_web: Orthanc, tmp_path: Path
+) -> None:
+    """Orthanc answers 400 for a batch holding an instance it cannot parse and lists
+    the ones it stored: those are delivered, the broken one ends in failed/."""
+    spool = Spool(tmp_path / "spool")
+    uids = fill_outbox(spool, "cloud", small_cts(4, seed=300))
+    broken = sorted(spool.pending_dir("cloud").glob("*.dcm"))[1]
+    data = broken.read_bytes()
+    meta_end = 132 + 12 + struct.unpack("<I", data[140:144])[0]  # after the file meta group
+    broken.write_bytes(data[:meta_end] + b"\x08\x00\x16\x00UI\xff\xff" + b"garbage")
+    dest = destination(f"{orthanc_web.url}/dicom-web", max_parallel_requests=1)
+    drain(dest, spool)
+    stored = orthanc_web.sop_instance_uids()
+    failed = Outbox(spool, "cloud").list_failed()
+    assert [f.sop_instance_uid for f in failed] == [uids[1]]
+    assert "HTTP 400" in failed[0].info["error"]
+    assert {u for u in uids if u != uids[1]} <= set(stored) and uids[1] not in stored

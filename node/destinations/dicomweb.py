@@ -371,6 +371,30 @@ class GoogleCredentials:
             raise AuthUnavailable(f"google-auth could not get a token: {exc}") from exc
 
 
+class DeferredCredentials:
+    """Credentials made on first use, and made again while making them fails (e.g.
+    google-auth missing or a key file unreadable): the runner then holds the
+    destination with that reason instead of sending without credentials."""
+
+    def __init__(self, auth: DicomwebAuth | None, timeout: float) -> None:
+        self.auth = auth
+        self.timeout = timeout
+        self._inner: Credentials | None = None
+        self._lock = threading.Lock()
+
+    def headers(self) -> dict[str, str]:
+        return self._get().headers()
+
+    def refresh(self) -> None:
+        self._get().refresh()
+
+    def _get(self) -> Credentials:
+        with self._lock:
+            if self._inner is None:
+                self._inner = make_credentials(self.auth, self.timeout)
+            return self._inner
+
+
 def make_credentials(auth: DicomwebAuth | None, timeout: float) -> Credentials:
     if auth is None:
         return NoCredentials()
@@ -546,7 +570,7 @@ class DicomwebRunner:
         self.held_file = held_path(spool, dest.name)
         self.plain_dir = self.outbox.pending.parent / PLAIN_DIR
         self.url = f"{dest.url}/studies"
-        self._credentials: Credentials = NoCredentials()
+        self._credentials: Credentials = NoCredentials()  # replaced in start()
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
@@ -567,11 +591,7 @@ class DicomwebRunner:
             leftover.unlink(missing_ok=True)
         self._peer = self.outbox.read_peer()
         self._held = read_held(self.held_file)
-        try:
-            self._credentials = make_credentials(self.dest.auth, self.dest.timeout)
-        except AuthUnavailable as exc:
-            log.error("%s: %s", self.dest.name, exc)
-            self._hold(str(exc))
+        self._credentials = DeferredCredentials(self.dest.auth, self.dest.timeout)
         for n in range(self.dest.max_parallel_requests):
             thread = threading.Thread(
                 target=self._sender, name=f"stow-{self.dest.name}-{n}", daemon=True
@@ -753,7 +773,7 @@ class DicomwebRunner:
         if status == 415:
             return self._unsupported_media_type(client, ids, reply)
         if status in (400, 409, 413):
-            return self._split(client, ids, reply)
+            return self._split(client, self._stored_anyway(ids, report, reply), reply)
         # 3xx, 404, 405 and the like: the URL or the archive is misconfigured; wait
         # for the operator like for an unreachable peer.
         self._archive_failed(f"{reply.describe()} (from POST {self.url})", reply.retry_after)
@@ -800,6 +820,25 @@ class DicomwebRunner:
             return self._exchange(client, again)
         return True
 
+    def _stored_anyway(self, ids: list[str], report: StoreReport | None, reply: Reply) -> list[str]:
+        """Settle what a refused request's body says was stored; the rest is to be split.
+
+        Orthanc answers 400 for a batch with an unreadable instance and lists the
+        instances it stored in the same body.
+        """
+        if report is None and reply.status == 400:
+            report = parse_store_response(reply.body)
+        if report is None or not report.stored:
+            return ids
+        rest = []
+        for item_id in ids:
+            meta = self._metas.get(item_id)
+            if meta is not None and meta.sop_instance in report.stored:
+                self._settle(item_id, Verdict.DELIVERED, f"(HTTP {reply.status} for the others)")
+            else:
+                rest.append(item_id)
+        return rest
+
     def _unsupported_media_type(self, client: httpx.Client, ids: list[str], reply: Reply) -> bool:
         convertible = [i for i in ids if self._can_decompress(i)]
         if convertible:
@@ -809,6 +848,8 @@ class DicomwebRunner:
 
     def _split(self, client: httpx.Client, ids: list[str], reply: Reply) -> bool:
         """Halve a refused batch to find the instance(s) at fault; alone, it fails."""
+        if not ids:
+            return True
         if len(ids) == 1:
             self._settle(ids[0], Verdict.PERMANENT, reply.describe(), None)
             return True
