@@ -809,7 +809,7 @@ def status_kib(pid: int, key: str) -> int:
     raise KeyError(key)
 
 
-# The 1 GiB (sparse, so cheap to make; about 8 s on loopback, measured once).
+# The 1 GiB (sparse, so cheap to make; its time is in docs/decisions.md).
 # DICOM_NODE_BIG_MB=200 makes it quicker on a slow machine.
 BIG_MB = int(os.environ.get("DICOM_NODE_BIG_MB", "1024"))
 
