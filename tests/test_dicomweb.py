@@ -344,7 +344,8 @@ def test_check_config_names_the_place_of_each_new_key(tmp_path: Path) -> None:
         text=True,
         cwd=ROOT,
     )
-    assert "cloud: dicomweb https://archive.example.org/dicom-web" not in shown.stdout  # bad one
+    assert shown.returncode == 1  # the last, bad config (an ftp URL)
+    assert shown.stderr.startswith("dicom-node: destinations.cloud.url: expected an http")
     (tmp_path / "node.yaml").write_text(default_config(tmp_path, 11112, extra_destinations=base))
     shown = subprocess.run(
         [sys.executable, "-m", "node.cli", "check-config", str(tmp_path / "node.yaml")],
@@ -362,10 +363,14 @@ def test_202_leaves_only_the_failed_instances(tmp_path: Path, archives: list[Arc
     spool = Spool(tmp_path / "spool")
     uids = fill_outbox(spool, "cloud", small_cts(7))
     bad = {uids[1]: 0xA900, uids[5]: 0xC000}
+    already = uids[3]  # Azure's 45070: the archive holds it already, so it is delivered
 
     def script(archive: Archive, seen: Seen) -> Answer:
-        good = [u for u in seen.uids if u not in bad]
+        good = [u for u in seen.uids if u not in bad and u != already]
         failed = {u: bad[u] for u in seen.uids if u in bad}
+        if already in seen.uids:
+            failed[already] = 45070
+            archive.stored.append(already)
         return archive.store(good, failed, status=202 if failed else 200)
 
     archive = Archive(script)
@@ -440,6 +445,20 @@ def test_503_retry_after_is_honoured(tmp_path: Path, archives: list[Archive]) ->
     first, second = archive.requests[0], archive.requests[1]
     # The retry policy alone would retry within 0.1-0.5 s.
     assert second.at - first.at >= 1.9
+
+
+def test_an_archive_down_past_give_up_after_moves_instances_to_failed(
+    tmp_path: Path, archives: list[Archive]
+) -> None:
+    spool = Spool(tmp_path / "spool")
+    uids = fill_outbox(spool, "cloud", small_cts(3))
+    archive = Archive(lambda archive, seen: Answer(503, b"down for good"))
+    archives.append(archive)
+    retry = RetryPolicy(initial=0.1, max=0.3, give_up_after=1.0)
+    drain(destination(archive.url, retry=retry), spool)
+    infos = assert_settled(spool, archive, uids, dict.fromkeys(uids, "HTTP 503"))
+    assert {info["reason"] for info in infos.values()} == {"gave up retrying"}
+    assert all("archive unavailable since" in info["error"] for info in infos.values())
 
 
 def test_413_halves_the_batch(tmp_path: Path, archives: list[Archive]) -> None:
