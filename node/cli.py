@@ -16,6 +16,7 @@ from node.errors import ConfigError, NodeError
 
 if TYPE_CHECKING:
     from node.outbox import Outbox
+    from node.spool import Spool
 
 # How many retrying and failed instances `dicom-node queue` lists per destination.
 SHOWN = 20
@@ -149,14 +150,14 @@ def _queue(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     spool = Spool(config.node.spool)
     blocks = [
-        _describe_outbox(name, dest, Outbox(spool, name))
+        _describe_outbox(name, dest, Outbox(spool, name), spool)
         for name, dest in config.destinations.items()
     ]
     print("\n".join(blocks) if blocks else "no destinations")
     return 0
 
 
-def _describe_outbox(name: str, dest: DestinationSettings, outbox: Outbox) -> str:
+def _describe_outbox(name: str, dest: DestinationSettings, outbox: Outbox, spool: Spool) -> str:
     import time
 
     from node.outbox import sop_instance_uid_of
@@ -165,10 +166,11 @@ def _describe_outbox(name: str, dest: DestinationSettings, outbox: Outbox) -> st
     pending = outbox.list_pending()
     retrying = [p for p in pending if p.state.attempts]
     failed = outbox.list_failed()
-    where = type_of(dest).summary(dest)
+    kind = type_of(dest)
     lines = [
-        f"{name} ({where}): {len(pending) - len(retrying)} pending, {len(retrying)} retrying, "
-        f"{len(failed)} failed"
+        f"{name} ({kind.summary(dest)}): {len(pending) - len(retrying)} pending, "
+        f"{len(retrying)} retrying, {len(failed)} failed",
+        *kind.status_lines(dest, spool),
     ]
     peer = outbox.read_peer()
     if peer.failures:

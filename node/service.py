@@ -11,6 +11,7 @@ from dataclasses import replace
 from http.server import ThreadingHTTPServer
 from pathlib import Path
 
+from prometheus_client.registry import Collector  # dicomweb (issue 17)
 from pydicom.dataset import Dataset
 from pynetdicom import AE
 
@@ -48,6 +49,7 @@ class Node:
         self.pipeline = Pipeline(config, self.spool, on_outcome=self._routed)
         self.runners: dict[str, Runner] = {}
         self.metrics = Metrics(self.pipeline.backlog, self._outbox_depths)
+        self.metrics.registry.register(self._held_collector())  # dicomweb (issue 17)
         self.metrics_server: ThreadingHTTPServer | None = None
         self._ae: AE | None = None
         self._gatekeeper: Gatekeeper | None = None
@@ -116,6 +118,15 @@ class Node:
             host, port = server.server_address[:2]
             out.append(f"{host}:{port}" + (" (TLS)" if server.ssl_context else ""))
         return out
+
+    def _held_collector(self) -> Collector:
+        """dicomweb (issue 17): which destinations are held for refused credentials."""
+        from node.destinations.dicomweb import HeldCollector
+
+        return HeldCollector(
+            self.spool,
+            lambda: [n for n, d in self.config.destinations.items() if d.type == "dicomweb"],
+        )
 
     def _outbox_depths(self) -> dict[str, tuple[int, int]]:
         """(pending, failed) per destination, counted when metrics are scraped."""

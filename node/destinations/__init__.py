@@ -48,6 +48,7 @@ if TYPE_CHECKING:
 TYPES: dict[str, str] = {
     "folder": "node.destinations.folder",
     "dicom": "node.destinations.dicom",
+    "dicomweb": "node.destinations.dicomweb_config",
 }
 
 
@@ -132,6 +133,10 @@ class DestinationType(ABC, Generic[S]):
         reason goes in the instance's outcome.
         """
         return False
+
+    def status_lines(self, dest: S, spool: Spool) -> list[str]:
+        """Extra lines for ``queue`` about the destination's state (e.g. held)."""
+        return []
 
     def echo(self, dest: S, sop_class: str) -> str:
         """``dicom-node echo``: test the destination, return what to print."""
