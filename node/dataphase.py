@@ -548,7 +548,7 @@ def _element(element: int, value: bytes) -> bytes:
     return struct.pack("<HHL", 0x0000, element, len(value)) + value
 
 
-def _command(elements: list[tuple[int, bytes]]) -> bytes:
+def command_set(elements: list[tuple[int, bytes]]) -> bytes:
     body = b"".join(_element(tag, value) for tag, value in elements)
     return _element(0x0000, struct.pack("<L", len(body))) + body
 
@@ -565,13 +565,13 @@ def store_response(instance: _Instance, status: int, comment: str | None) -> byt
     if comment:
         elements.append((ERROR_COMMENT, comment[:64].encode("ascii", "replace")))
     elements.append((AFFECTED_SOP_INSTANCE, instance.sop_instance.encode("ascii", "replace")))
-    return _command([(tag, value) for tag, value in elements if value])
+    return command_set([(tag, value) for tag, value in elements if value])
 
 
 def echo_response(fields: dict[int, bytes], status: int) -> bytes:
     """A C-ECHO-RSP command set (PS3.7 9.3.5.2)."""
     sop_class = _uid(fields, AFFECTED_SOP_CLASS) or str(Verification)
-    return _command(
+    return command_set(
         [
             (AFFECTED_SOP_CLASS, sop_class.encode("ascii")),
             (COMMAND_FIELD, struct.pack("<H", 0x8030)),
@@ -584,7 +584,7 @@ def echo_response(fields: dict[int, bytes], status: int) -> bytes:
 
 def event_report_response(fields: dict[int, bytes], status: int) -> bytes:
     """An N-EVENT-REPORT-RSP command set (PS3.7 10.3.1.2)."""
-    return _command(
+    return command_set(
         [
             (AFFECTED_SOP_CLASS, fields.get(AFFECTED_SOP_CLASS, b"").rstrip(b"\x00")),
             (COMMAND_FIELD, struct.pack("<H", 0x8100)),

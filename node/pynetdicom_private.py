@@ -261,3 +261,37 @@ def keep_responses_from_the_reactor(assoc: Any) -> None:
         serve_request(msg, context_id)
 
     assoc._serve_request = serve_or_put_back
+
+
+def take_over_socket(assoc: Any, wait_seconds: float) -> Any:
+    """Stop pynetdicom's threads of an established requestor association and return
+    its socket, now the caller's alone; None if pynetdicom would not let go.
+
+    The association thread is paused at its checkpoint (where ``send_*`` pause it)
+    and the DUL thread leaves its loop without touching the socket; the caller then
+    writes requests, reads responses and releases (node/destinations/dicom_wire.py),
+    and calls :func:`end_taken_over` at the end.
+    """
+    sock = socket_of(assoc)
+    if sock is None:
+        return None
+    assoc._reactor_checkpoint.clear()
+    deadline = time.monotonic() + wait_seconds
+    while not assoc._is_paused:
+        if not assoc.is_established or time.monotonic() > deadline:
+            assoc._reactor_checkpoint.set()
+            return None
+        time.sleep(0.0001)
+    assoc.dul.kill_dul()
+    assoc.dul.join(wait_seconds)
+    if assoc.dul.is_alive():
+        log.error("pynetdicom's DUL thread did not stop; sending through pynetdicom")
+        return None
+    return sock
+
+
+def end_taken_over(assoc: Any, released: bool) -> None:
+    """After the caller released or aborted a taken-over association: pynetdicom's
+    bookkeeping, and its association thread ends."""
+    assoc.is_released, assoc.is_aborted = released, not released
+    assoc.kill()

@@ -24,10 +24,11 @@ from pynetdicom.sop_class import Verification
 
 from node.destinations.dicom import ClientTls, DicomDestination
 from node.errors import DeliveryError
-from node.pynetdicom_private import keep_responses_from_the_reactor, socket_of
+from node.pynetdicom_private import keep_responses_from_the_reactor, shorter_dul_poll, socket_of
 
 UNCOMPRESSED: tuple[UID, ...] = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 MAX_CONTEXTS = 128  # PS3.8 9.3.2.2: context ids are odd numbers 1-255
+RESPONSE_POLL_SECONDS = 0.0002
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,8 @@ def associate(
 
     def on_open(event: Event) -> None:
         _no_delay(event)
+        # Responses wait for the DUL thread's next poll: 0.2 ms instead of 1 ms.
+        shorter_dul_poll(event.assoc, RESPONSE_POLL_SECONDS)
         connected.set()
 
     assoc = ae.associate(

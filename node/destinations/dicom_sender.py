@@ -32,6 +32,7 @@ from pydicom.pixels import get_decoder
 from pydicom.uid import UID
 from pynetdicom import AE
 from pynetdicom.association import Association
+from pynetdicom.dsutils import encode
 from pynetdicom.status import code_to_category
 
 from node.destinations import Runner
@@ -46,15 +47,17 @@ from node.destinations.dicom_net import (
     associate,
     new_ae,
 )
+from node.destinations.dicom_wire import NotAPart10File, WireAssociation
 from node.destinations.peer import PeerHealth
 from node.outbox import Failure, Outbox, Scheduler, Waker, arrival_time
-from node.pynetdicom_private import send_files_as_they_are
+from node.pynetdicom_private import end_taken_over, send_files_as_they_are, take_over_socket
 from node.spool import Spool
 
 log = logging.getLogger("dicom_node.dicom")
 
 POLL_SECONDS = 2.0  # idle re-scan, so that `dicom-node queue retry` is picked up
 LINGER_SECONDS = 0.5  # keep an idle association open this long for new arrivals
+TAKE_OVER_SECONDS = 5.0  # for pynetdicom's threads to let go of a new association
 # Failures that may pass by themselves (PS3.4 B.2.3, PS3.7 C): retried with backoff.
 # 0x0110 "Processing failure" is what several archives answer when their disk fails.
 TRANSIENT_STATUSES = frozenset({0x0110, 0x0213})
@@ -83,6 +86,15 @@ class StoreResult:
     status: int | None = None
     comment: str = ""
     broken: bool = False  # the association is unusable afterwards
+
+
+def status_dataset(status: int, comment: str) -> Dataset:
+    """A C-STORE response's status as pynetdicom would give it, for :func:`judge`."""
+    rsp = Dataset()
+    rsp.Status = status
+    if comment:
+        rsp.ErrorComment = comment
+    return rsp
 
 
 def judge(rsp: Dataset) -> StoreResult:
@@ -139,6 +151,7 @@ class DicomRunner(Runner):
         self._metas: dict[str, Meta | None] = {}
         self._fallback_logged: set[str] = set()
         self._active: set[Association] = set()
+        self._wires: dict[int, WireAssociation] = {}  # by id() of the association
         self.commitment: CommitmentFlow | None = None
         if dest.storage_commitment:
             self.commitment = CommitmentFlow(
@@ -179,7 +192,11 @@ class DicomRunner(Runner):
             thread.join(max(deadline - time.monotonic(), 0.0))
         with self._lock:
             for assoc in list(self._active):
-                assoc.abort()
+                wire = self._wires.get(id(assoc))
+                if wire is not None:
+                    wire.abort()
+                else:
+                    assoc.abort()
 
     def commitment_report(self, transaction_uid: str, event_type: int, info: Any) -> int | None:
         if self.commitment is None:
@@ -247,8 +264,11 @@ class DicomRunner(Runner):
         except AssociationFailed as exc:
             self._association_failed(batch, exc)
             return
+        wire = self._take_over(assoc)
         with self._lock:
             self._active.add(assoc)
+            if wire is not None:
+                self._wires[id(assoc)] = wire
         self.peer.ok()
         room = self.dest.instances_per_association
         stored: dict[str, Reference] = {}
@@ -256,7 +276,7 @@ class DicomRunner(Runner):
             queue = batch
             while queue:
                 try:
-                    if not self._send_all(assoc, queue, stored):
+                    if not self._send_all(assoc, queue, stored, wire):
                         return
                 finally:
                     self.scheduler.release(queue)
@@ -267,18 +287,41 @@ class DicomRunner(Runner):
                 self.commitment.request(assoc, stored)
             with self._lock:
                 self._active.discard(assoc)
-            if assoc.is_established:
+                self._wires.pop(id(assoc), None)
+            if wire is not None:
+                end_taken_over(assoc, released=wire.open and wire.release())
+            elif assoc.is_established:
                 assoc.release()
 
-    def _send_all(self, assoc: Association, queue: list[str], stored: dict[str, Reference]) -> bool:
+    def _take_over(self, assoc: Association) -> WireAssociation | None:
+        """The association's data phase on the socket (dicom_wire), if it can be.
+
+        Not over TLS, and not with Storage Commitment, whose N-ACTION and reports go
+        through pynetdicom on the same association.
+        """
+        if self.dest.tls is not None or self.commitment is not None:
+            return None
+        sock = take_over_socket(assoc, TAKE_OVER_SECONDS)
+        if sock is None:
+            return None
+        return WireAssociation(sock, int(assoc.acceptor.maximum_length or 0), self.dest.timeout)
+
+    def _send_all(
+        self,
+        assoc: Association,
+        queue: list[str],
+        stored: dict[str, Reference],
+        wire: WireAssociation | None,
+    ) -> bool:
         """Send ``queue`` on ``assoc``; False if the association is no longer usable.
 
         Instances stored while commitment is wanted are added to ``stored``.
         """
         for item_id in queue:
-            if self._stopping.is_set() or not assoc.is_established:
+            usable = wire.open if wire is not None else assoc.is_established
+            if self._stopping.is_set() or not usable:
                 return False
-            result = self._store(assoc, item_id)
+            result = self._store(assoc, item_id, wire)
             if result.verdict is Verdict.DELIVERED and self.commitment is not None:
                 stored[item_id] = self.commitment.stored(item_id, self._reference(item_id, result))
                 continue
@@ -309,7 +352,9 @@ class DicomRunner(Runner):
 
     # ---------------------------------------------------------------- one instance
 
-    def _store(self, assoc: Association, item_id: str) -> StoreResult:
+    def _store(
+        self, assoc: Association, item_id: str, wire: WireAssociation | None = None
+    ) -> StoreResult:
         meta = self._meta(item_id)
         assert meta is not None  # unreadable files never reach an association
         path = self.outbox.pending_path(item_id)
@@ -320,6 +365,8 @@ class DicomRunner(Runner):
         }
         uncompressed = accepted & set(UNCOMPRESSED)
         try:
+            if wire is not None:
+                return self._store_on_wire(wire, assoc, path, meta, accepted)
             if meta.transfer_syntax in accepted:
                 rsp = assoc.send_c_store(path)
             elif meta.transfer_syntax in UNCOMPRESSED and uncompressed:
@@ -331,11 +378,48 @@ class DicomRunner(Runner):
                 return StoreResult(Verdict.PERMANENT, self._not_accepted(meta, accepted))
         except (RuntimeError, ConnectionError) as exc:
             return StoreResult(Verdict.TRANSIENT, f"association lost: {exc}", broken=True)
+        except NotAPart10File as exc:
+            return StoreResult(Verdict.PERMANENT, str(exc))
         except OSError as exc:
             return StoreResult(Verdict.TRANSIENT, f"cannot read {path.name}: {exc}")
         except Exception as exc:  # noqa: BLE001 - decoding errors of every codec
             return StoreResult(Verdict.PERMANENT, f"cannot decompress for the peer: {exc}")
         return judge(rsp)
+
+    def _store_on_wire(
+        self,
+        wire: WireAssociation,
+        assoc: Association,
+        path: Path,
+        meta: Meta,
+        accepted: set[UID],
+    ) -> StoreResult:
+        """:meth:`_store` on a taken-over association: the file as it is if the peer
+        takes its syntax, else re-encoded (or decompressed) in an uncompressed one."""
+        contexts = {
+            (UID(cx.abstract_syntax), UID(cx.transfer_syntax[0])): int(cx.context_id or 0)
+            for cx in assoc.accepted_contexts
+        }
+        if meta.transfer_syntax in accepted:
+            context_id = contexts[(meta.sop_class, meta.transfer_syntax)]
+            status, comment = wire.store_file(context_id, meta.sop_class, meta.sop_instance, path)
+            return judge(status_dataset(status, comment))
+        uncompressed = [ts for ts in UNCOMPRESSED if ts in accepted]
+        if not uncompressed:
+            return StoreResult(Verdict.PERMANENT, self._not_accepted(meta, accepted))
+        if meta.transfer_syntax in UNCOMPRESSED:
+            ds = pydicom.dcmread(path)
+        elif self.dest.fallback == "uncompressed":
+            ds = self._decompressed(path, meta)
+        else:
+            return StoreResult(Verdict.PERMANENT, self._not_accepted(meta, accepted))
+        syntax = uncompressed[0]  # Explicit VR Little Endian first
+        data = encode(ds, syntax.is_implicit_VR, syntax.is_little_endian)
+        if data is None:
+            return StoreResult(Verdict.PERMANENT, f"cannot encode the instance as {syntax.name}")
+        context_id = contexts[(meta.sop_class, syntax)]
+        status, comment = wire.store_bytes(context_id, meta.sop_class, meta.sop_instance, data)
+        return judge(status_dataset(status, comment))
 
     def _decompressed(self, path: Path, meta: Meta) -> Dataset:
         if meta.sop_class not in self._fallback_logged:
