@@ -43,8 +43,10 @@ from node.dataphase import (
 C_STORE_RQ = 0x0001
 C_STORE_RSP = 0x8001
 PRIORITY = 0x0700
-MEDIUM = 0x0000
-DATA_SET_PRESENT = 0x0000  # any value but 0x0101 (PS3.7 E.1)
+# As pynetdicom's send_c_store, which the node used before: priority LOW, and 0x0001
+# for "a data set follows" (any value but 0x0101, PS3.7 E.1).
+LOW = 0x0002
+DATA_SET_PRESENT = 0x0001
 A_RELEASE_RQ_PDU = b"\x05\x00\x00\x00\x00\x04\x00\x00\x00\x00"
 A_RELEASE_RP = 0x06
 A_ABORT = 0x07
@@ -79,7 +81,7 @@ def store_command(sop_class: str, sop_instance: str, message_id: int) -> bytes:
             (AFFECTED_SOP_CLASS, sop_class.encode("ascii")),
             (COMMAND_FIELD, struct.pack("<H", C_STORE_RQ)),
             (MESSAGE_ID, struct.pack("<H", message_id)),
-            (PRIORITY, struct.pack("<H", MEDIUM)),
+            (PRIORITY, struct.pack("<H", LOW)),
             (DATA_SET_TYPE, struct.pack("<H", DATA_SET_PRESENT)),
             (AFFECTED_SOP_INSTANCE, sop_instance.encode("ascii")),
         ]
