@@ -16,7 +16,7 @@ from pydicom.dataset import Dataset
 from pynetdicom import AE
 
 from node.config import RESTART_ONLY, Config, load_config
-from node.destinations import Runner, start_runners
+from node.destinations import Runner
 from node.destinations.commitment import INVALID_ARGUMENT, transaction_uid
 from node.errors import ConfigError, StartupError
 from node.metrics import Metrics, start_metrics
@@ -29,6 +29,7 @@ from node.scp import (
     handlers,
     server_tls_context,
 )
+from node.senders import start_runners
 from node.spool import Spool, SpoolLock
 from node.systemd import Notifier
 from node.workers import Outcome

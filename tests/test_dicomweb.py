@@ -379,7 +379,10 @@ def test_202_leaves_only_the_failed_instances(tmp_path: Path, archives: list[Arc
     infos = assert_settled(spool, archive, uids, {uids[1]: "0xA900", uids[5]: "0xC000"})
     assert infos[uids[1]]["reason"] == "permanent failure"
     assert sorted(archive.stored) == sorted(set(uids) - set(bad))  # each stored once
-    assert sorted(len(r.uids) for r in archive.requests) == [3, 4]  # two in parallel
+    # Batches of at most 4, spread over the two parallel requests (how the 7 are split
+    # depends on which request thread claims first: [4, 3] or [4, 2, 1]).
+    sizes = [len(r.uids) for r in archive.requests]
+    assert max(sizes) == 4 and sum(sizes) == 7 and len(sizes) >= 2, sizes
 
 
 def test_409_transient_reasons_retried_permanent_to_failed(

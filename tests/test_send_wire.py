@@ -222,3 +222,68 @@ def test_a_peer_that_stops_reading_times_out_and_nothing_is_lost(tmp_path: Path,
     assert str(big.SOPInstanceUID) in {str(d.SOPInstanceUID) for d in scp.stored}
     assert time.monotonic() - started < 55
     assert "cannot send: timed out" in caplog.text or "no answer: timed out" in caplog.text
+
+
+# ---------------------------------------------------------------- the sending process
+
+
+def sender_processes(node_pid: int) -> list[int]:
+    out = subprocess.run(
+        ["pgrep", "-P", str(node_pid), "-f", "node.senders"], capture_output=True, text=True
+    ).stdout
+    return [int(x) for x in out.split()]
+
+
+def test_the_sending_process_killed_mid_association_is_restarted_and_loses_nothing(
+    nodes, tmp_path: Path
+) -> None:
+    slow_down = threading.Event()
+    slow_down.set()
+
+    def slow(event: evt.Event) -> int:
+        if slow_down.is_set():
+            time.sleep(0.1)  # 20 instances take about 2 s: time to kill the sender
+        stored.append(str(event.dataset.SOPInstanceUID))
+        return 0x0000
+
+    stored: list[str] = []
+    scp_port = free_port()
+    ae = AE(ae_title="PEER")
+    ae.add_supported_context(CTImageStorage, SYNTAXES)
+    server = ae.start_server(
+        ("127.0.0.1", scp_port), block=False, evt_handlers=[(evt.EVT_C_STORE, slow)]
+    )
+    try:
+        extra = f"""
+        pacs:
+          type: dicom
+          host: 127.0.0.1
+          port: {scp_port}
+          ae_title: PEER
+          retry: {{initial: 0.2s, max: 1s}}
+        """
+        node = nodes.start(rules="- name: all\n  send_to: [pacs]\n", extra_destinations=extra)
+        node.wait_until(lambda: len(sender_processes(node.proc.pid)) == 1, 30, "the sender")
+        [first] = sender_processes(node.proc.pid)
+        sent = [images.make_ct(rows=32, cols=32, seed=s) for s in range(20)]
+        paths = []
+        for i, ds in enumerate(sent):
+            paths.append(tmp_path / f"{i}.dcm")
+            ds.save_as(paths[-1], enforce_file_format=True)
+        from tests.conftest import storescu
+
+        storescu(node.port, paths)
+        node.wait_until(lambda: len(stored) >= 3, 30, "sending under way")
+        os.kill(first, 9)
+        slow_down.clear()
+        node.wait_until(
+            lambda: sender_processes(node.proc.pid) not in ([], [first]), 30, "a new sender"
+        )
+        want = {str(ds.SOPInstanceUID) for ds in sent}
+        node.wait_until(lambda: want <= set(stored), 60, "every instance delivered")
+        pending = node.spool / "destinations" / "pacs" / "pending"
+        node.wait_until(lambda: not list(pending.glob("*.dcm")), 30, "an empty outbox")
+        assert not list((node.spool / "destinations" / "pacs" / "failed").glob("*.dcm"))
+        assert "the sending process exited (killed by SIGKILL)" in node.log_text()
+    finally:
+        server.shutdown()
