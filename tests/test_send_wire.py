@@ -287,3 +287,61 @@ def test_the_sending_process_killed_mid_association_is_restarted_and_loses_nothi
         assert "the sending process exited (killed by SIGKILL)" in node.log_text()
     finally:
         server.shutdown()
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
+def sparse_multiframe(path: Path, pixel_bytes: int) -> str:
+    """A Part 10 multi-frame CT whose Pixel Data is ``pixel_bytes`` of zeros, written
+    as a sparse file (nothing of the size is held in memory or written to disk)."""
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset, write_file_meta_info
+
+    ds = images.make_ct(rows=512, cols=512, seed=5)
+    del ds.PixelData
+    ds.NumberOfFrames = pixel_bytes // (512 * 512 * 2)
+    fp = DicomBytesIO()
+    fp.is_little_endian, fp.is_implicit_VR = True, False
+    fp.write(b"\0" * 128 + b"DICM")
+    write_file_meta_info(fp, ds.file_meta, enforce_standard=True)
+    write_dataset(fp, ds)
+    fp.write(struct.pack("<HH2sHL", 0x7FE0, 0x0010, b"OW", 0, pixel_bytes))
+    with open(path, "wb") as out:
+        out.write(fp.getvalue())
+        out.truncate(len(fp.getvalue()) + pixel_bytes)
+    return str(ds.SOPInstanceUID)
+
+
+def test_a_1_gib_instance_is_forwarded_with_flat_memory(nodes, tmp_path: Path) -> None:
+    port = free_port()
+    scp = subprocess.Popen(
+        [dcmtk("storescp"), "--ignore", "+xa", "-aet", "PEER", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "TCP_NODELAY": "1"},
+    )
+    try:
+        wait_for_port(port, proc=scp)
+        extra = f"""
+        pacs: {{type: dicom, host: 127.0.0.1, port: {port}, ae_title: PEER}}
+        """
+        node = nodes.start(rules="- name: all\n  send_to: [pacs]\n", extra_destinations=extra)
+        node.wait_until(lambda: len(sender_processes(node.proc.pid)) == 1, 30, "the sender")
+        [sender] = sender_processes(node.proc.pid)
+        idle = peak_rss_mb(sender)
+        pending = node.spool / "destinations" / "pacs" / "pending"
+        big = tmp_path / "big.dcm"
+        sparse_multiframe(big, 1024**3)
+        os.replace(big, pending / "00000000000000000001-1-000001.dcm")
+        node.wait_until(lambda: not list(pending.glob("*.dcm")), 120, "the instance sent")
+        assert not list((pending.parent / "failed").glob("*.dcm"))
+        grown = peak_rss_mb(sender) - idle
+        assert grown < 100, f"the sending process grew by {grown:.0f} MB for 1 GiB"
+    finally:
+        scp.terminate()
+        scp.wait()
