@@ -205,12 +205,12 @@ def _prepare(
             f"cannot be read as DICOM (truncated or damaged): {type(exc).__name__}: {exc}"
         )
         return result
-    if problem is not None:
-        result.reason = problem
-        return result
     meta = ds.file_meta
     result.syntax_before = result.syntax_after = str(meta.get("TransferSyntaxUID", ""))
     result.modality = str(ds.get("Modality", "") or "")
+    if problem is not None:
+        result.reason = problem
+        return result
     sop_class = ds.get("SOPClassUID") or meta.get("MediaStorageSOPClassUID")
     if sop_class == MediaStorageDirectoryStorage:
         return settle(Status.SKIPPED, "a DICOMDIR not named DICOMDIR (left as it is)")
