@@ -32,6 +32,7 @@ from tests import images
 from tests.conftest import ROOT, dcmtk
 
 TEMP_SUFFIX = ".dicom-node-compress.partial"
+GDCMCONV = "/usr/bin/gdcmconv"
 
 
 @dataclass
@@ -127,7 +128,8 @@ def decoded_by(tool: str, path: Path, tmp: Path) -> np.ndarray:
     if tool == "dcmdjpls":
         cmd = [dcmtk("dcmdjpls"), str(path), str(out)]
     else:
-        cmd = ["gdcmconv", "--raw", str(path), str(out)]
+        # Debian's GDCM tools (a pip package may put another gdcmconv first on PATH).
+        cmd = [GDCMCONV if Path(GDCMCONV).exists() else "gdcmconv", "--raw", str(path), str(out)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     ds = pydicom.dcmread(out)
@@ -383,6 +385,42 @@ def _done_files(journal: Path) -> list[Path]:
     except sqlite3.OperationalError:
         return []  # being created
     return [Path(r[0]) for r in rows]
+
+
+def test_a_worker_killed_mid_run_fails_its_files_only(tmp_path: Path) -> None:
+    """A worker that dies (as a crashing codec would) costs the files it held, nothing more."""
+    src = tmp_path / "archive"
+    for i in range(40):
+        _save(images.make_ct(rows=256, cols=256, seed=i), src / f"ct{i:03d}.dcm")
+    digests = {p: _digest(p) for p in src.iterdir()}
+    journal = tmp_path / "j.sqlite"
+    args = [src, "--in-place", "--transfer-syntax", "jpeg-ls-lossless", "--workers", "2"]
+    args += ["--journal", journal]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "node.cli", "compress", *map(str, args)],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 60
+    while _done_rows(journal) < 4:
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.005)
+    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+    os.kill(int(children[0]), signal.SIGKILL)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1, out + err
+    assert "the worker process died (exit code -9)" in out
+    for path, digest in digests.items():
+        ds = pydicom.dcmread(path)
+        if ds.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian:
+            assert _digest(path) == digest
+    assert no_temp_files(src) == []
+    again = compress(*args, cwd=tmp_path)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert {pydicom.dcmread(p).file_meta.TransferSyntaxUID for p in digests} == {JPEGLSLossless}
 
 
 @pytest.fixture

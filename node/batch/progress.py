@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import TextIO
+from typing import Any, TextIO
 
 from node.batch.report import GB, Tally
 
@@ -28,9 +28,9 @@ class Progress:
         self.files = 0
         self.bytes = 0
         self._last_line = self.started
-        self._bar = None
+        self._bar: Any = None
         if self.stream.isatty():
-            from tqdm import tqdm
+            from tqdm import tqdm  # type: ignore[import-untyped]
 
             self._bar = tqdm(
                 total=total_files, unit="file", file=self.stream, dynamic_ncols=True, smoothing=0.1

@@ -13,14 +13,15 @@ up to date and the report says why the run stopped.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
-import queue
 import signal
 import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, wait
 from multiprocessing.context import ForkProcess
 from pathlib import Path
 from types import FrameType
@@ -43,8 +44,6 @@ from node.batch.walk import (
 )
 from node.batch.work import FileResult, Job, Status, worker_main
 
-# Jobs handed out ahead per worker: enough that none waits for the main process.
-AHEAD_PER_WORKER = 3
 POLL_SECONDS = 0.5
 
 
@@ -241,107 +240,110 @@ class _StopFlag:
 
 
 class _Pool:
-    """Worker processes fed through one queue; each reports ("start", ...) and ("done", ...)."""
+    """Worker processes, each with its own connection: jobs out, ("start"|"done", ...) back.
+
+    Each worker has at most one job waiting in its connection besides the ones it has
+    started, so a stop takes effect at once and the files a dead worker held are known.
+    """
 
     def __init__(self, settings: WorkSettings, count: int) -> None:
         # fork: a worker starts with the codecs this process has already imported.
         self._ctx = mp.get_context("fork")
         self._settings = settings
-        self.jobs: Any = self._ctx.Queue()
-        self.results: Any = self._ctx.Queue()
-        self._procs: dict[int, ForkProcess] = {}
+        self._workers: dict[Connection, _Worker] = {}
         for _ in range(count):
             self._start_worker()
 
     def _start_worker(self) -> None:
-        proc = self._ctx.Process(
-            target=worker_main, args=(self._settings, self.jobs, self.results), daemon=True
-        )
+        mine, theirs = self._ctx.Pipe(duplex=True)
+        proc = self._ctx.Process(target=worker_main, args=(self._settings, theirs), daemon=True)
         proc.start()
-        assert proc.pid is not None
-        self._procs[proc.pid] = proc
+        theirs.close()
+        self._workers[mine] = _Worker(proc, mine)
 
     def __enter__(self) -> _Pool:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for _ in self._procs:
-            self.jobs.put(None)
-        for proc in self._procs.values():
-            proc.join(timeout=60)
-            if proc.is_alive():
-                proc.kill()
+        for worker in self._workers.values():
+            with contextlib.suppress(OSError):
+                worker.conn.send(None)
+        for worker in self._workers.values():
+            worker.proc.join(timeout=60)
+            if worker.proc.is_alive():
+                worker.proc.kill()
+            worker.conn.close()
 
     def run(
         self, jobs: list[Job], stop: _StopFlag, progress: Progress, tally: Tally
     ) -> Iterator[FileResult]:
         """Hand out ``jobs`` and yield each result as it comes."""
-        ahead = AHEAD_PER_WORKER * len(self._procs)
         waiting = iter(jobs)
-        in_flight: dict[int, Job] = {}
-        started_by: dict[int, int] = {}
+        exhausted = False
         while True:
-            while stop.reason is None and len(in_flight) < ahead:
+            if stop.reason is None and not exhausted:
+                exhausted = self._hand_out(waiting)
+            busy = [c for c, w in self._workers.items() if w.held]
+            if not busy:
+                return
+            ready = wait(busy, timeout=POLL_SECONDS)
+            if not ready:
+                progress.tick(tally)
+            for conn in ready:
+                assert isinstance(conn, Connection)
+                worker = self._workers[conn]
+                try:
+                    message = conn.recv()
+                except (EOFError, OSError):
+                    yield from self._replace(worker)
+                    continue
+                if message[0] == "start":
+                    worker.queued -= 1
+                    continue
+                result: FileResult = message[1]
+                worker.held.pop(result.index, None)
+                progress.advance(1, result.bytes_before, tally)
+                yield result
+
+    def _hand_out(self, waiting: Iterator[Job]) -> bool:
+        """Give each worker one job beyond those it has started; True once all are out."""
+        for worker in list(self._workers.values()):
+            while worker.queued < 1:
                 job = next(waiting, None)
                 if job is None:
-                    break
+                    return True
                 _read_ahead(job.path)
-                in_flight[job.index] = job
-                self.jobs.put(job)
-            if stop.reason is not None:
-                self._take_back(in_flight)
-            if not in_flight:
-                return
-            try:
-                message = self.results.get(timeout=POLL_SECONDS)
-            except queue.Empty:
-                yield from self._dead_workers(in_flight, started_by)
-                progress.tick(tally)
-                continue
-            if message[0] == "start":
-                started_by[message[1]] = message[2]
-                continue
-            result: FileResult = message[1]
-            in_flight.pop(result.index, None)
-            started_by.pop(result.index, None)
-            progress.advance(1, result.bytes_before, tally)
-            yield result
+                worker.conn.send(job)
+                worker.held[job.index] = job
+                worker.queued += 1
+        return False
 
-    def _take_back(self, in_flight: dict[int, Job]) -> None:
-        """Jobs no worker has taken yet are taken back (the run is stopping)."""
-        while True:
-            try:
-                job = self.jobs.get(timeout=0.05)
-            except queue.Empty:
-                return
-            if job is None:  # not ours to take
-                self.jobs.put(None)
-                return
-            in_flight.pop(job.index, None)
-
-    def _dead_workers(
-        self, in_flight: dict[int, Job], started_by: dict[int, int]
-    ) -> Iterator[FileResult]:
+    def _replace(self, worker: _Worker) -> Iterator[FileResult]:
         """A worker that died (a codec crash) fails the files it held; another replaces it."""
-        for pid, proc in list(self._procs.items()):
-            if proc.is_alive():
-                continue
-            del self._procs[pid]
-            for index, owner in list(started_by.items()):
-                if owner != pid or index not in in_flight:
-                    continue
-                job = in_flight.pop(index)
-                del started_by[index]
-                path = Path(job.output or job.path)
-                path.with_name(f".{path.name}.{pid}{TEMP_SUFFIX}").unlink(missing_ok=True)
-                yield FileResult(
-                    index,
-                    job.path,
-                    Status.FAILED,
-                    f"the worker process died (exit code {proc.exitcode}) on it; original kept",
-                    bytes_before=job.size,
-                )
-            self._start_worker()
+        worker.proc.join(timeout=10)
+        del self._workers[worker.conn]
+        worker.conn.close()
+        pid = worker.proc.pid
+        for job in worker.held.values():
+            path = Path(job.output or job.path)
+            path.with_name(f".{path.name}.{pid}{TEMP_SUFFIX}").unlink(missing_ok=True)
+            yield FileResult(
+                job.index,
+                job.path,
+                Status.FAILED,
+                f"the worker process died (exit code {worker.proc.exitcode}) on it or "
+                "beside it; original kept",
+                bytes_before=job.size,
+            )
+        self._start_worker()
+
+
+@dataclass
+class _Worker:
+    proc: ForkProcess
+    conn: Connection
+    held: dict[int, Job] = field(default_factory=dict)  # sent and not done
+    queued: int = 0  # sent and not started
 
 
 def _read_ahead(path: str) -> None:

@@ -31,7 +31,7 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from enum import Enum
-from multiprocessing.queues import Queue
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 import pydicom
@@ -106,23 +106,39 @@ class _Write:
 # --------------------------------------------------------------------------- process
 
 
-def worker_main(settings: WorkSettings, jobs: Queue[Job | None], results: Queue[object]) -> None:
-    """A worker process: jobs from ``jobs`` until None, ``("start"|"done", ...)`` to results."""
+def worker_main(settings: WorkSettings, conn: Connection) -> None:
+    """A worker process: jobs from ``conn`` until None; ``("start"|"done", ...)`` back.
+
+    One connection per worker, written synchronously (a multiprocessing Queue's feeder
+    thread could lose the last messages of a worker that is killed), so the main
+    process always knows which files a worker holds.
+    """
     _init_process()
+    sending = threading.Lock()  # the main thread and the writer threads all reply
+
+    def send(message: object) -> None:
+        with sending:
+            conn.send(message)
+
     writes: queue.Queue[_Write | None] = queue.Queue(maxsize=1)
     writers = [
-        threading.Thread(target=_write_loop, args=(writes, results), daemon=True)
+        threading.Thread(target=_write_loop, args=(writes, send), daemon=True)
         for _ in range(WRITER_THREADS)
     ]
     for thread in writers:
         thread.start()
-    pid = os.getpid()
     try:
-        while (job := jobs.get()) is not None:
-            results.put(("start", job.index, pid))
+        while True:
+            try:
+                job: Job | None = conn.recv()
+            except EOFError:
+                return
+            if job is None:
+                return
+            send(("start", job.index))
             prepared = prepare(settings, job)
             if isinstance(prepared, FileResult):
-                results.put(("done", prepared))
+                send(("done", prepared))
             else:
                 writes.put(prepared)
             del prepared
@@ -144,9 +160,9 @@ def _init_process() -> None:
     keep_large_buffers()
 
 
-def _write_loop(writes: queue.Queue[_Write | None], results: Queue[object]) -> None:
+def _write_loop(writes: queue.Queue[_Write | None], send: Callable[[object], None]) -> None:
     while (item := writes.get()) is not None:
-        results.put(("done", finish(item)))
+        send(("done", finish(item)))
         del item
 
 
