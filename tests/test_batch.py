@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -421,6 +422,46 @@ def test_a_worker_killed_mid_run_fails_its_files_only(tmp_path: Path) -> None:
     again = compress(*args, cwd=tmp_path)
     assert again.returncode == 0, again.stdout + again.stderr
     assert {pydicom.dcmread(p).file_meta.TransferSyntaxUID for p in digests} == {JPEGLSLossless}
+
+
+NOBODY = 65534
+# Root without the capabilities that bypass file permissions and ownership.
+UNPRIVILEGED = ["setpriv", "--bounding-set=-dac_override,-dac_read_search,-chown,-fowner", "--"]
+
+
+def test_permission_denied_is_reported_and_the_run_goes_on(tmp_path: Path) -> None:
+    """A file the run cannot read, a folder it cannot list, a file whose owner it could
+    not keep: each is a failure with its reason, and the rest is compressed. (The run is
+    root without CAP_DAC_OVERRIDE and friends, so another user's files are closed to it.)"""
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv (util-linux) to make files the run cannot read")
+    src = tmp_path / "archive"
+    _save(images.make_mr(seed=1), src / "mine.dcm")
+    _save(images.make_mr(seed=2), src / "secret.dcm")
+    _save(images.make_mr(seed=3), src / "someone-elses.dcm")
+    _save(images.make_mr(seed=4), src / "locked" / "hidden.dcm")
+    for name, mode in (("secret.dcm", 0o600), ("someone-elses.dcm", 0o666), ("locked", 0o700)):
+        os.chown(src / name, NOBODY, NOBODY)
+        (src / name).chmod(mode)
+    digests = {p: _digest(p) for p in src.rglob("*.dcm")}
+    done = subprocess.run(
+        [*UNPRIVILEGED, sys.executable, "-m", "node.cli", "compress", str(src), "--in-place"]
+        + ["--transfer-syntax", "jpeg-ls-lossless", "--journal", str(tmp_path / "j.sqlite")],
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "secret.dcm: cannot read: Permission denied" in done.stdout
+    assert "locked: cannot list folder: Permission denied" in done.stdout
+    assert "someone-elses.dcm: cannot write (Operation not permitted); original kept" in done.stdout
+    assert pydicom.dcmread(src / "mine.dcm").file_meta.TransferSyntaxUID == JPEGLSLossless
+    for name in ("secret.dcm", "someone-elses.dcm", "locked/hidden.dcm"):
+        assert _digest(src / name) == digests[src / name], name
+    assert os.stat(src / "someone-elses.dcm").st_uid == NOBODY
+    assert no_temp_files(src) == []
 
 
 @pytest.fixture
