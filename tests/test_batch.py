@@ -249,15 +249,18 @@ def test_output_tree_leaves_the_source_untouched_and_a_rerun_skips_what_is_done(
     assert redone.PatientID == "MR0042"
 
 
-def test_lossy_is_marked_as_the_daemon_marks_it(tmp_path: Path) -> None:
+def test_lossy_is_marked_as_the_daemon_marks_it_and_layout_places_it(tmp_path: Path) -> None:
     src = tmp_path / "src"
     _save(images.make_mr(seed=3), src / "mr.dcm")
+    (src / "notes.txt").write_text("not DICOM")
     original = pydicom.dcmread(src / "mr.dcm")
     out = tmp_path / "out"
     done = compress(
         src,
         "--output",
         out,
+        "--layout",
+        "{Modality}/{SOPInstanceUID}.dcm",
         "--transfer-syntax",
         "jpeg-ls-near-lossless",
         "--max-error",
@@ -268,13 +271,27 @@ def test_lossy_is_marked_as_the_daemon_marks_it(tmp_path: Path) -> None:
         cwd=tmp_path,
     )
     assert done.returncode == 0, done.stderr
-    ds = pydicom.dcmread(out / "mr.dcm")
+    [written] = out.rglob("*.dcm")
+    ds = pydicom.dcmread(written)
+    assert written == out / "MR" / f"{ds.SOPInstanceUID}.dcm"  # named by its new UID
     assert ds.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.81"
     assert ds.LossyImageCompression == "01"
     assert ds.SOPInstanceUID != original.SOPInstanceUID
     assert ds.SourceImageSequence[0].ReferencedSOPInstanceUID == original.SOPInstanceUID
     diff = np.abs(ds.pixel_array.astype(int) - original.pixel_array.astype(int))
-    assert diff.max() <= 2
+    assert 0 < diff.max() <= 2
+    assert "not copied: --layout places DICOM files only" in done.stdout
+    assert sorted(p.name for p in out.rglob("*") if p.is_file()) == [written.name]
+    # A tree with a DICOMDIR cannot be laid out anew: its records name the paths.
+    fs = FileSet()
+    fs.add(images.make_mr(seed=5))
+    fs.write(src / "media")
+    refused = compress(
+        src, "--output", tmp_path / "out2", "--layout", "{SOPInstanceUID}.dcm",
+        "--transfer-syntax", "jpeg-ls-lossless", "--journal", tmp_path / "j2.sqlite", cwd=tmp_path,
+    )  # fmt: skip
+    assert refused.returncode == 2 and "a DICOMDIR names its files by path" in refused.stderr
+    assert not (tmp_path / "out2").exists()
 
 
 # --------------------------------------------------------------------------- dry run

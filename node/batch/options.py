@@ -12,7 +12,14 @@ from pathlib import Path
 from typing import Any
 
 from node.codecs.base import CompressSpec
-from node.config import Match, Rule, _duration, _parse_compress, load_config
+from node.config import (
+    Match,
+    Rule,
+    _duration,
+    _parse_compress,
+    _validate_layout,
+    load_config,
+)
 from node.errors import ConfigError, NodeError
 
 DEFAULT_SAMPLE = 200
@@ -38,6 +45,7 @@ class BatchOptions:
     roots: tuple[Path, ...]
     mode: Mode
     output: Path | None
+    layout: str | None
     rules: tuple[Rule, ...]
     rules_source: str
     workers: int
@@ -57,6 +65,7 @@ class BatchOptions:
         return WorkSettings(
             mode=self.mode,
             output=self.output,
+            layout=self.layout,
             rules=self.rules,
             verify=self.verify,
             keep_larger=self.keep_larger,
@@ -69,6 +78,7 @@ class BatchOptions:
             "roots": [str(r) for r in self.roots],
             "mode": self.mode.value,
             "output": str(self.output) if self.output else None,
+            "layout": self.layout,
             "rules": [repr(r) for r in self.rules],
             "keep_larger": self.keep_larger,
         }
@@ -81,6 +91,7 @@ class WorkSettings:
 
     mode: Mode
     output: Path | None
+    layout: str | None
     rules: tuple[Rule, ...]
     verify: bool
     keep_larger: bool
@@ -106,6 +117,12 @@ def add_compress_parser(commands: Any) -> None:
     )
     where.add_argument(
         "--output", metavar="DIR", help="write the same tree below DIR; the source is untouched"
+    )
+    p.add_argument(
+        "--layout",
+        metavar="TEMPLATE",
+        help="with --output: place files as a folder destination does, e.g. "
+        "'{PatientID}/{StudyInstanceUID}/{SOPInstanceUID}.dcm' (default: the source's paths)",
     )
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument(
@@ -203,7 +220,14 @@ def parse_options(args: argparse.Namespace) -> BatchOptions:
     if not (args.in_place or args.output or args.dry_run):
         raise StartError("give --in-place or --output DIR (or --dry-run to only estimate)")
     roots = tuple(_root(p) for p in args.paths)
-    output = Path(os.path.abspath(args.output)) if args.output else None
+    output = Path(args.output).resolve() if args.output else None
+    if args.layout is not None:
+        if output is None:
+            raise StartError("--layout: only with --output DIR")
+        try:
+            _validate_layout(args.layout, "--layout")
+        except ConfigError as exc:
+            raise StartError(str(exc)) from exc
     if output is not None:
         for root in roots:
             # An output below a source tree is left out of that tree's walk.
@@ -231,6 +255,7 @@ def parse_options(args: argparse.Namespace) -> BatchOptions:
         roots=roots,
         mode=Mode.OUTPUT if output else Mode.IN_PLACE,
         output=output,
+        layout=args.layout,
         rules=rules,
         rules_source=source,
         workers=workers,
@@ -238,7 +263,7 @@ def parse_options(args: argparse.Namespace) -> BatchOptions:
         keep_larger=bool(args.keep_larger),
         dry_run=bool(args.dry_run),
         sample=args.sample,
-        journal=Path(os.path.abspath(journal)),
+        journal=journal.resolve(),
         include=tuple(args.include),
         exclude=tuple(args.exclude),
         min_age=min_age,

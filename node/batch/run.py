@@ -29,7 +29,7 @@ from typing import Any
 
 from node.batch import dicomdir
 from node.batch.journal import Journal, Row
-from node.batch.options import BatchOptions, Mode, WorkSettings
+from node.batch.options import BatchOptions, Mode, StartError, WorkSettings
 from node.batch.progress import Progress
 from node.batch.report import GB, Tally, as_json, format_table, write_json
 from node.batch.walk import (
@@ -55,6 +55,11 @@ def run(opts: BatchOptions) -> int:
             file=sys.stderr,
         )
     tree = _walk(opts)
+    if opts.layout and tree.dicomdirs:
+        raise StartError(
+            f"{tree.dicomdirs[0].path}: a DICOMDIR names its files by path, which --layout "
+            "would change; compress this tree with --output but without --layout, or in place"
+        )
     for entry in tree.dicomdirs:
         dicomdir.check_readable(entry.path)
     if opts.dry_run:

@@ -43,6 +43,9 @@ from node.allocator import keep_large_buffers
 from node.batch.options import Mode, WorkSettings, with_verify
 from node.batch.walk import temp_name
 from node.codecs import compress_dataset
+from node.config import FolderDestination
+from node.destinations import folder
+from node.destinations.folder import UnsafePathError
 from node.fsutil import fsync_dir, makedirs_durably
 from node.rules import Origin, first_match
 from node.workers import part10_chunks
@@ -101,6 +104,7 @@ class _Write:
     chunks: Iterable[bytes]
     original: os.stat_result
     started: float
+    target: Path | None = None  # None: in place; else the file to write with --output
 
 
 # --------------------------------------------------------------------------- process
@@ -186,11 +190,15 @@ def _prepare(
 ) -> FileResult | _Write:
     path = Path(job.path)
 
-    def settle(status: Status, reason: str) -> FileResult | _Write:
+    mirror = Path(job.output) if job.output else None
+
+    def settle(status: Status, reason: str, target: Path | None = mirror) -> FileResult | _Write:
         result.status, result.reason = status, reason
-        copy = settings.mode is Mode.OUTPUT and not settings.dry_run
+        if settings.mode is Mode.OUTPUT and settings.layout and target is None:
+            result.reason += " (not copied: --layout places DICOM files only)"
+        copy = settings.mode is Mode.OUTPUT and not settings.dry_run and target is not None
         if copy and status in (Status.KEPT, Status.SKIPPED):  # the output tree gets it as it is
-            return _Write(result, job, _file_blocks(path), st, started)
+            return _Write(result, job, _file_blocks(path), st, started, target)
         result.size, result.mtime_ns = st.st_size, st.st_mtime_ns
         result.bytes_after = result.bytes_before
         result.seconds = time.perf_counter() - started
@@ -209,7 +217,9 @@ def _prepare(
             ds = pydicom.dcmread(path)
         problem = _truncation(ds, [str(w.message) for w in caught])
     except InvalidDicomError:
-        return settle(Status.SKIPPED, "not a DICOM file (no DICM prefix)")
+        return settle(
+            Status.SKIPPED, "not a DICOM file (no DICM prefix)", _unplaced(settings, mirror)
+        )
     except PermissionError as exc:
         result.reason = f"cannot read: {exc.strerror or exc}"
         return result
@@ -229,14 +239,23 @@ def _prepare(
         return result
     sop_class = ds.get("SOPClassUID") or meta.get("MediaStorageSOPClassUID")
     if sop_class == MediaStorageDirectoryStorage:
-        return settle(Status.SKIPPED, "a DICOMDIR not named DICOMDIR (left as it is)")
+        return settle(
+            Status.SKIPPED,
+            "a DICOMDIR not named DICOMDIR (left as it is)",
+            _unplaced(settings, mirror),
+        )
     if "SOPInstanceUID" not in ds:
-        return settle(Status.KEPT, "no SOP Instance UID")
+        return settle(Status.KEPT, "no SOP Instance UID", _unplaced(settings, mirror))
+    try:
+        placed = _placed(settings, ds, mirror)  # before the encoder works on ds
+    except UnsafePathError as exc:
+        result.reason = str(exc)
+        return result
     rule = first_match(settings.rules, ds, Origin())
     if rule is None:
-        return settle(Status.KEPT, "no rule matched")
+        return settle(Status.KEPT, "no rule matched", placed)
     if rule.compress is None:
-        return settle(Status.KEPT, f"rule {rule.name!r} does not compress")
+        return settle(Status.KEPT, f"rule {rule.name!r} does not compress", placed)
     if settings.mode is Mode.IN_PLACE and not st.st_mode & 0o222:
         return settle(Status.KEPT, "read-only file (no write permission bit); left as it is")
     compressed = compress_dataset(ds, with_verify(rule.compress, settings.verify), copy_input=False)
@@ -247,21 +266,41 @@ def _prepare(
             result.reason = f"verification failed, original kept: {compressed.reason}"
             result.seconds = time.perf_counter() - started
             return result
-        return settle(Status.KEPT, compressed.reason)
+        return settle(Status.KEPT, compressed.reason, placed)
     chunks = part10_chunks(compressed.dataset)
     size = sum(len(c) for c in chunks)
     if size >= st.st_size and not settings.keep_larger:
-        return settle(Status.KEPT, f"compressed output not smaller ({size} >= {st.st_size} bytes)")
+        return settle(
+            Status.KEPT, f"compressed output not smaller ({size} >= {st.st_size} bytes)", placed
+        )
     result.status, result.bytes_after = Status.DONE, size
     result.syntax_after = str(compressed.transfer_syntax)
     if settings.dry_run:
         result.size, result.mtime_ns = st.st_size, st.st_mtime_ns
         result.seconds = time.perf_counter() - started
         return result
+    try:  # a lossy output's new UID names its file
+        target = _placed(settings, compressed.dataset, mirror)
+    except UnsafePathError as exc:
+        result.status, result.reason = Status.FAILED, str(exc)
+        return result
     if settings.verify:
         expected = (UID(compressed.transfer_syntax), str(compressed.dataset.SOPInstanceUID))
-        return _Write(result, job, _CheckedChunks(chunks, expected), st, started)
-    return _Write(result, job, chunks, st, started)
+        return _Write(result, job, _CheckedChunks(chunks, expected), st, started, target)
+    return _Write(result, job, chunks, st, started, target)
+
+
+def _placed(settings: WorkSettings, ds: pydicom.Dataset, mirror: Path | None) -> Path | None:
+    """Where ``ds`` goes with --output: its --layout path, or the same path as in the source."""
+    if settings.output is None or not settings.layout:
+        return mirror
+    dest = FolderDestination(name="--output", path=settings.output, layout=settings.layout)
+    return folder.target_path(dest, ds)
+
+
+def _unplaced(settings: WorkSettings, mirror: Path | None) -> Path | None:
+    """Where a file that is not an instance goes: nowhere with --layout."""
+    return None if settings.layout else mirror
 
 
 @dataclass
@@ -311,8 +350,8 @@ def finish(item: _Write) -> FileResult:
     """Write ``item`` out; any error leaves the original (and the output) as they were."""
     result = item.result
     try:
-        if item.job.output is not None:
-            target = Path(item.job.output)
+        if item.target is not None:
+            target = item.target
             makedirs_durably(target.parent)
             _write_replacing(target, item, check_unchanged=False)
             done = os.stat(item.job.path)  # the source, for the journal
