@@ -441,6 +441,40 @@ def test_a_worker_killed_mid_run_fails_its_files_only(tmp_path: Path) -> None:
     assert {pydicom.dcmread(p).file_meta.TransferSyntaxUID for p in digests} == {JPEGLSLossless}
 
 
+def test_ctrl_c_finishes_the_files_in_hand_and_stops(tmp_path: Path) -> None:
+    src = tmp_path / "archive"
+    for i in range(40):
+        _save(images.make_ct(rows=256, cols=256, seed=i), src / f"ct{i:03d}.dcm")
+    journal = tmp_path / "j.sqlite"
+    args = [src, "--in-place", "--transfer-syntax", "jpeg-ls-lossless", "--workers", "2"]
+    args += ["--journal", journal]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "node.cli", "compress", *map(str, args)],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 60
+    while _done_rows(journal) < 4:
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1, out + err
+    assert "stopped early: SIGINT received" in err and "Run the same command again" in err
+    assert no_temp_files(src) == []
+    done = set(_done_files(journal))
+    assert 4 <= len(done) < 40
+    for path in src.iterdir():  # journaled done, or not touched at all
+        syntax = pydicom.dcmread(path).file_meta.TransferSyntaxUID
+        assert syntax == (JPEGLSLossless if path in done else ExplicitVRLittleEndian), path
+    again = compress(*args, cwd=tmp_path)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert len(_done_files(journal)) == 40
+
+
 NOBODY = 65534
 # Root without the capabilities that bypass file permissions and ownership.
 UNPRIVILEGED = ["setpriv", "--bounding-set=-dac_override,-dac_read_search,-chown,-fowner", "--"]
