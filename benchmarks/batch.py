@@ -153,7 +153,7 @@ def table(outcomes: list[Outcome], dry: dict) -> str:
     node = outcomes[0]
     fastest_other = max(outcomes[1:], key=lambda o: o.files_per_second)
     lines = [
-        "| tool | files | now JPEG-LS | files/s | MB/s | x this tool's files/s = node | "
+        "| tool | files | now JPEG-LS | files/s | MB/s | node's files/s / this tool's | "
         "size after / before | exit |",
         "|---|---|---|---|---|---|---|---|",
     ]
@@ -198,7 +198,9 @@ def machine(args: argparse.Namespace) -> list[str]:
         f"- Python {platform.python_version()}, pydicom {pydicom.__version__}",
         f"- DCMTK: {first([DCMCJPLS, '--version'])}; GDCM: {first([GDCMCONV, '--version'])}",
         f"- repo: {git}",
-        f"- command: `python3 benchmarks/batch.py {' '.join(sys.argv[1:])}`",
+        f"- command: `{' '.join(['python3 benchmarks/batch.py', *sys.argv[1:]])}`",
+        f"- load average (1 min) before / after the run: {args.load_before:.1f} / "
+        f"{os.getloadavg()[0]:.1f} (a shared machine: compare the ratios, not the rates)",
         f"- archive: {args.ct} CT 512x512 + {args.cr} CR 2000x2500 + {args.mg} MG 3328x4096 "
         "(benchmarks/images.py), Explicit VR Little Endian, on the repo's disk",
     ]
@@ -217,6 +219,7 @@ def main() -> None:
     )
     parser.add_argument("--workers", type=int, help="dicom-node workers (default: CPUs)")
     args = parser.parse_args()
+    args.load_before = os.getloadavg()[0]
     files = build_source(args.ct, args.cr, args.mg)
     node, dry = run_node(files, args.workers)
     outcomes = [node]
