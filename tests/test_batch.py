@@ -88,6 +88,7 @@ def build_tree(base: Path, ct_count: int = 4) -> Tree:
     outside = base / "outside.dcm"
     _save(images.make_mr(seed=9), outside)
     (root / "link.dcm").symlink_to(outside)
+    os.mkfifo(root / "fifo.dcm")  # never opened: reading it would block
     # A DICOMDIR with its own PTxxxxxx/STxxxxxx/... folders, as on a CD.
     fs = FileSet()
     for seed in (10, 11):
@@ -192,6 +193,7 @@ def test_in_place_compresses_the_tree_bit_exact(tmp_path: Path, verify: bool) ->
     assert "already in target syntax" in reasons
     assert any("read-only" in r for r in reasons)
     assert any("symbolic link" in r for r in reasons)
+    assert "not a regular file" in reasons
     ct = next(g for g in data["groups"] if g["modality"] == "CT")
     assert ct["done"] == 6 and ct["failed"] == 1 and ct["ratio"] > 1.5
 
@@ -232,9 +234,12 @@ def test_output_tree_leaves_the_source_untouched_and_a_rerun_skips_what_is_done(
 
     # The same command again: everything is settled in the journal, nothing redone...
     mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    stale = out / "mr" / f".mr1.dcm.4242{TEMP_SUFFIX}"  # as a killed run leaves it
+    stale.write_bytes(b"partial")
     second = compress(*args, cwd=tmp_path)
     assert second.returncode == 0, second.stderr
     assert "settled by an earlier run" in second.stdout
+    assert not stale.exists() and "removed 1 temp file(s)" in second.stdout
     assert {
         p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.name != "DICOMDIR"
     } == {p: m for p, m in mtimes.items() if p.name != "DICOMDIR"}

@@ -40,6 +40,7 @@ from node.batch.walk import (
     Unlistable,
     WalkCounts,
     WalkFilter,
+    remove_stale_temp_files,
     walk,
 )
 from node.batch.work import FileResult, Job, Status, worker_main
@@ -131,6 +132,7 @@ def _compress(opts: BatchOptions, tree: Tree, journal: Journal) -> int:
             jobs.append(Job(len(jobs), str(c.path), _output_path(opts, c), c.size, c.mtime_ns))
     if opts.output is not None:
         opts.output.mkdir(parents=True, exist_ok=True)
+        tree.counts.stale_temp_removed += remove_stale_temp_files(opts.output)
     stop = _StopFlag()
     started = time.monotonic()
     with _Pool(opts.work_settings(), min(opts.workers, max(len(jobs), 1))) as pool:

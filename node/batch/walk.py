@@ -91,17 +91,29 @@ class WalkCounts:
 
 
 def walk(roots: tuple[Path, ...], flt: WalkFilter, counts: WalkCounts) -> Iterator[Entry]:
-    """Every file below ``roots`` (sorted by path), once each."""
+    """Every file below ``roots`` (sorted by path), once each, even if the trees overlap."""
     now = time.time()
     seen: set[Path] = set()
     for root in roots:
-        if root in seen:
-            continue
-        seen.add(root)
         if root.is_dir():
-            yield from _walk_dir(root, root, flt, counts, now)
+            entries = _walk_dir(root, root, flt, counts, now)
         else:
-            yield from _entry(root, root.parent, flt, counts, now)
+            entries = _entry(root, root.parent, flt, counts, now)
+        for entry in entries:
+            if entry.path not in seen:
+                seen.add(entry.path)
+                yield entry
+
+
+def remove_stale_temp_files(folder: Path) -> int:
+    """Remove the temp files a killed run left in an output tree; how many there were."""
+    removed = 0
+    for parent, _dirs, files in os.walk(folder):
+        for name in files:
+            if _TEMP_NAME.match(name):
+                Path(parent, name).unlink(missing_ok=True)
+                removed += 1
+    return removed
 
 
 def _walk_dir(
