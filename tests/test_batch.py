@@ -19,6 +19,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -521,7 +522,7 @@ def test_permission_denied_is_reported_and_the_run_goes_on(tmp_path: Path) -> No
 
 
 @pytest.fixture
-def tiny_fs(tmp_path: Path):
+def tiny_fs(tmp_path: Path) -> Iterator[Path]:
     """A 4 MiB tmpfs: a full file system for the archive."""
     if os.geteuid() != 0:
         pytest.skip("mounting a tmpfs needs root; CI runs this test as root")

@@ -33,7 +33,11 @@ class Progress:
             from tqdm import tqdm  # type: ignore[import-untyped]
 
             self._bar = tqdm(
-                total=total_files, unit="file", file=self.stream, dynamic_ncols=True, smoothing=0.1
+                total=total_files,
+                file=self.stream,
+                dynamic_ncols=True,
+                # Rates and ETA are ours (the ETA by bytes: files differ a lot in size).
+                bar_format="{percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} files [{elapsed}{postfix}]",
             )
 
     def advance(self, files: int, bytes_in: int, tally: Tally) -> None:
