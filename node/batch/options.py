@@ -12,15 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from node.codecs.base import CompressSpec
-from node.config import (
-    Match,
-    Rule,
-    _duration,
-    _parse_compress,
-    _validate_layout,
-    load_config,
-)
+from node.config import Match, Rule, _parse_compress, load_config
+from node.destinations.folder import validate_layout
 from node.errors import ConfigError, NodeError
+from node.schema import as_duration
 
 DEFAULT_SAMPLE = 200
 DEFAULT_PROGRESS_SECONDS = 5.0
@@ -225,7 +220,7 @@ def parse_options(args: argparse.Namespace) -> BatchOptions:
         if output is None:
             raise StartError("--layout: only with --output DIR")
         try:
-            _validate_layout(args.layout, "--layout")
+            validate_layout(args.layout, "--layout")
         except ConfigError as exc:
             raise StartError(str(exc)) from exc
     if output is not None:
@@ -247,7 +242,7 @@ def parse_options(args: argparse.Namespace) -> BatchOptions:
     min_age = 0.0
     if args.min_age is not None:
         try:
-            min_age = _duration(args.min_age, "--min-age")
+            min_age = as_duration(args.min_age, "--min-age")
         except ConfigError as exc:
             raise StartError(str(exc)) from exc
     journal = Path(args.journal) if args.journal else default_journal(roots, output)

@@ -43,9 +43,8 @@ from node.allocator import keep_large_buffers
 from node.batch.options import Mode, WorkSettings, with_verify
 from node.batch.walk import temp_name
 from node.codecs import compress_dataset
-from node.config import FolderDestination
 from node.destinations import folder
-from node.destinations.folder import UnsafePathError
+from node.destinations.folder import FolderDestination, UnsafePathError
 from node.fsutil import fsync_dir, makedirs_durably
 from node.rules import Origin, first_match
 from node.workers import part10_chunks
