@@ -180,7 +180,8 @@ def add_compress_parser(commands: Any) -> None:
         action="append",
         default=[],
         metavar="GLOB",
-        help="only files whose path below its tree matches (repeatable)",
+        help="only files whose path below its tree matches, e.g. '*.dcm' or 'CT/*' "
+        "(* also matches /; repeatable)",
     )
     p.add_argument(
         "--exclude",

@@ -51,6 +51,9 @@ from node.workers import part10_chunks
 
 PR_SET_PDEATHSIG = 1  # from <sys/prctl.h>
 WRITER_THREADS = 2
+# Files this large are written by the worker itself, so that its memory stays that of
+# about one of them (a 1 GB multi-frame: the file, its pixels and the encoded output).
+WRITE_ALONE_BYTES = 64 * 1024 * 1024
 UNDEFINED_LENGTH = 0xFFFFFFFF
 PIXEL_DATA_TAG = 0x7FE00010
 ITEM_TAG_VALUE = 0xE000FFFE  # (FFFE,E000) read as one little-endian 32-bit number
@@ -142,6 +145,10 @@ def worker_main(settings: WorkSettings, conn: Connection) -> None:
             prepared = prepare(settings, job)
             if isinstance(prepared, FileResult):
                 send(("done", prepared))
+            elif prepared.result.bytes_before >= WRITE_ALONE_BYTES:
+                # Written before the next file is read: a worker holds one such file at a
+                # time, not one per writer thread as well.
+                send(("done", finish(prepared)))
             else:
                 writes.put(prepared)
             del prepared
@@ -219,10 +226,7 @@ def _prepare(
         return settle(
             Status.SKIPPED, "not a DICOM file (no DICM prefix)", _unplaced(settings, mirror)
         )
-    except PermissionError as exc:
-        result.reason = f"cannot read: {exc.strerror or exc}"
-        return result
-    except OSError as exc:
+    except OSError as exc:  # permission denied, I/O error
         result.reason = f"cannot read: {exc.strerror or exc}"
         return result
     except Exception as exc:  # pydicom's many ways of saying "broken"
