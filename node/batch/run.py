@@ -17,6 +17,7 @@ import contextlib
 import multiprocessing as mp
 import os
 import signal
+import sqlite3
 import sys
 import time
 from collections.abc import Iterator
@@ -140,7 +141,10 @@ def _compress(opts: BatchOptions, tree: Tree, journal: Journal) -> int:
         processed = 0
         for result in pool.run(jobs, stop, progress, tally):
             processed += 1
-            journal.record(_to_row(result), result.seconds)
+            try:
+                journal.record(_to_row(result), result.seconds)
+            except sqlite3.Error as exc:  # its disk is full: the file is redone next time
+                stop.set(f"the journal cannot be written ({exc})")
             tally.add(result)
             if result.disk_full:
                 stop.set("the disk is full")
