@@ -98,6 +98,10 @@ def _parser() -> argparse.ArgumentParser:
         help="time spent timing each encoder (default: 0.5)",
     )
     codecs.set_defaults(handler=_codecs)
+
+    from node.batch.options import add_compress_parser
+
+    add_compress_parser(commands)
     return parser
 
 
@@ -266,6 +270,9 @@ def describe(config: Config) -> str:
         if rule.match.peer_networks:
             conditions.append(f"peer_address in {[str(n) for n in rule.match.peer_networks]}")
         when = " and ".join(conditions) or "everything"
+        batch = ""
+        if rule.match.calling_ae_title or rule.match.called_ae_title or rule.match.peer_networks:
+            batch = " (warning: never matches in `dicom-node compress`, which has no sender)"
         if rule.compress is None:
             action = "send as received"
         else:
@@ -276,7 +283,7 @@ def describe(config: Config) -> str:
             action = f"compress to {name} ({rule.compress.transfer_syntax})"
             if rule.compress.plugin:
                 action += f" with {rule.compress.plugin}"
-        lines.append(f"  [{i}] {rule.name}: {when} -> {action} -> {', '.join(rule.send_to)}")
+        lines.append(f"  [{i}] {rule.name}: {when} -> {action} -> {', '.join(rule.send_to)}{batch}")
     return "\n".join(lines)
 
 
