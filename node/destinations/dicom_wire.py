@@ -71,7 +71,7 @@ def dataset_offset(path: Path) -> int:
     if len(head) < 144 or head[128:136] != b"DICM\x02\x00\x00\x00" or head[136:138] != b"UL":
         raise NotAPart10File(f"{path.name}: no File Meta Information group length")
     (length,) = struct.unpack_from("<L", head, 140)
-    return 144 + length
+    return 144 + int(length)
 
 
 def store_command(sop_class: str, sop_instance: str, message_id: int) -> bytes:
