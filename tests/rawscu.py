@@ -159,7 +159,7 @@ def c_store(
     ``dataset`` is the encoded data set, or its pieces (sent as they are, so that a
     large data set need not be held whole).
     """
-    assoc.message_id += 1
+    assoc.message_id = assoc.message_id % 0xFFFF + 1
     sock = assoc.sock
     try:
         sock.sendall(pdata(context_id, 0x03, command(sop_class, sop_instance, assoc.message_id)))
