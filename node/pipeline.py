@@ -36,8 +36,9 @@ from pathlib import Path
 
 from node.config import Config
 from node.errors import StartupError
+from node.outcome import Outcome, Status
 from node.spool import Spool
-from node.workers import DONE, FREE, READY, Outcome, Reply, Status, Task, prepare_incoming
+from node.workers import DONE, FREE, READY, Reply, Task
 
 log = logging.getLogger("dicom_node.pipeline")
 
@@ -51,6 +52,9 @@ START_SECONDS = 120.0
 RESTART_PAUSE_SECONDS = 5.0
 # What a worker process runs; tests find workers by it.
 WORKER_MAIN = "from node.workers import main; main()"
+# What workers run per instance, by name: this process does not import it (nor the
+# codecs it imports).
+DEFAULT_TASK = "node.routing:prepare_incoming"
 
 
 class WorkerStartError(StartupError):
@@ -91,7 +95,7 @@ class Pipeline:
         config: Config,
         spool: Spool,
         on_outcome: Callable[[Outcome], None] | None = None,
-        task: Task = prepare_incoming,
+        task: Task | str = DEFAULT_TASK,
     ) -> None:
         self.config = config
         self.spool = spool
@@ -193,7 +197,11 @@ class Pipeline:
         # A new interpreter, not a fork: the network process runs threads, and a forked
         # child would inherit their locks in whatever state they were.
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        task = f"{self._task.__module__}:{self._task.__qualname__}"
+        task = (
+            self._task
+            if isinstance(self._task, str)
+            else f"{self._task.__module__}:{self._task.__qualname__}"
+        )
         command = [sys.executable, "-c", WORKER_MAIN, str(theirs.fileno()), str(os.getpid()), task]
         # The worker finds the modules this process found (a test's task, say).
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
