@@ -31,7 +31,7 @@ def keep_large_buffers() -> bool:
         trim_ok = libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
     except (OSError, AttributeError):
         return False
-    return mmap_ok and trim_ok
+    return bool(mmap_ok and trim_ok)
 
 
 def release_free_memory() -> None:

@@ -94,9 +94,9 @@ def _encode_explicit_little(ds: Dataset) -> list[bytes]:
         if tag.element == 0 and tag.group > 6:
             continue  # retired group lengths, as pydicom's writer drops them
         elem = ds.get_item(tag)
-        if _copyable(elem):
-            fp.write(element_header(tag, elem.VR, elem.length))
-            fp.write(elem.value)
+        if (raw := _copyable(elem)) is not None:
+            fp.write(element_header(tag, raw[0], raw[1]))
+            fp.write(raw[2])
         elif tag == PIXEL_DATA and _value_writable_as_is(ds[tag]):
             chunks += [fp.getvalue(), *_pixel_data_chunks(ds[tag])]
             fp = _little_explicit_buffer()
@@ -121,13 +121,13 @@ def _file_meta_bytes(meta: FileMetaDataset) -> bytes | None:
     """
     if any(tag not in meta or meta[tag].is_empty for tag in _REQUIRED_META):
         return None
-    parts = []
+    parts: list[bytes] = []
     for tag in sorted(meta.keys()):
         if tag == META_GROUP_LENGTH:
             continue
         elem = meta.get_item(tag)
-        if _copyable(elem):
-            parts += [element_header(tag, elem.VR, elem.length), elem.value]
+        if (raw := _copyable(elem)) is not None:
+            parts += [element_header(tag, raw[0], raw[1]), raw[2]]
             continue
         data = None if _undefined_length(elem) else _plain_value_bytes(elem.VR, elem.value)
         if data is None:
@@ -187,11 +187,15 @@ def _pixel_data_chunks(elem: DataElement) -> list[bytes]:
     return [element_header(PIXEL_DATA, elem.VR, len(elem.value)), elem.value]
 
 
-def _copyable(elem: Any) -> bool:
-    return (
+def _copyable(elem: Any) -> tuple[str, int, bytes] | None:
+    """(VR, length, value) of an element that can be copied as it was read, else None."""
+    if (
         isinstance(elem, RawDataElement)
         and elem.value is not None  # not deferred
-        and elem.VR not in (None, "SQ", "UN")
+        and elem.VR is not None
+        and elem.VR not in ("SQ", "UN")
         and elem.length != 0xFFFFFFFF
         and len(elem.value) == elem.length
-    )
+    ):
+        return elem.VR, elem.length, elem.value
+    return None

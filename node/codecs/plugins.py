@@ -16,8 +16,7 @@ import importlib
 from dataclasses import dataclass
 from functools import cache
 
-from pydicom.pixels import get_encoder
-from pydicom.pixels.encoders.base import Encoder
+from pydicom.pixels.encoders.base import Encoder, get_encoder
 from pydicom.uid import (
     HTJ2K,
     JPEG2000,
@@ -61,7 +60,8 @@ class NodePlugin:
 
     def load(self) -> FrameEncoder:
         module, func = self.function.split(":")
-        return getattr(importlib.import_module(module), func)
+        encoder: FrameEncoder = getattr(importlib.import_module(module), func)
+        return encoder
 
 
 @cache

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.encaps import generate_fragments, parse_basic_offsets
-from pydicom.pixels import convert_color_space
+from pydicom.pixels.processing import convert_color_space
 from pydicom.pixels.utils import compress
 from pydicom.uid import (
     HTJ2K,

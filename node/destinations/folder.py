@@ -52,7 +52,7 @@ def safe_component(value: object) -> str:
     """``value`` as one harmless path component: no separators, no ``..``, never empty,
     at most :data:`MAX_COMPONENT_BYTES` bytes in UTF-8."""
     if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":
-        text = "_".join(str(v) for v in value)  # type: ignore[union-attr]
+        text = "_".join(str(v) for v in value)  # type: ignore[attr-defined]
     else:
         text = "" if value is None else str(value)
     # Lone surrogates (undecodable input) cannot be file names: "?" and then "_".
