@@ -34,7 +34,10 @@ from pydicom.filereader import read_dataset
 from pydicom.uid import UID
 from pynetdicom import evt
 from pynetdicom.events import Event
-from pynetdicom.sop_class import StorageCommitmentPushModel, Verification
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    StorageCommitmentPushModel,
+    Verification,
+)
 
 from node.admission import DEFLATED, EXPLICIT_VR_LITTLE_ENDIAN, Inflater, Refusal, command_refusal
 from node.fsutil import DurableFile
@@ -349,7 +352,7 @@ class DataPhase:
         self._instance = instance
 
     def _is_commitment(self, context_id: int) -> bool:
-        return self._contexts[context_id].abstract_syntax == StorageCommitmentPushModel
+        return bool(self._contexts[context_id].abstract_syntax == StorageCommitmentPushModel)
 
     def _on_report_fragment(self, context_id: int, fragment: memoryview, last: bool) -> None:
         report = self._report
@@ -535,7 +538,8 @@ def _us(fields: dict[int, bytes], element: int) -> int:
     value = fields.get(element, b"")
     if len(value) != 2:
         raise ProtocolError(f"command element (0000,{element:04X}) is not a US value")
-    return struct.unpack("<H", value)[0]
+    number: int = struct.unpack("<H", value)[0]
+    return number
 
 
 def _uid(fields: dict[int, bytes], element: int) -> str:
@@ -644,7 +648,8 @@ def serve(
     if not take:
         return
     phase = DataPhase(assoc, target, network_timeout())
-    assoc.abort = phase.abort  # the node's shutdown aborts associations this way
+    # The node's shutdown aborts associations this way.
+    assoc.abort = phase.abort  # type: ignore[method-assign,assignment]
     try:
         how = phase.run()
     except Exception:  # a bug here must not leave the association half-open

@@ -14,7 +14,7 @@ import socketserver
 import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path
@@ -25,7 +25,10 @@ from pydicom.uid import UID
 from pynetdicom import AE, evt
 from pynetdicom.events import Event
 from pynetdicom.presentation import PresentationContext
-from pynetdicom.sop_class import StorageCommitmentPushModel, Verification
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    StorageCommitmentPushModel,
+    Verification,
+)
 from pynetdicom.transport import ThreadedAssociationServer
 
 from node import dataphase
@@ -146,7 +149,7 @@ def _negotiate(
 ) -> Any:
     kept, refused = [], []
     for rcx in rq_contexts:
-        if not _is_storage_like(UID(rcx.abstract_syntax)):
+        if not _is_storage_like(UID(str(rcx.abstract_syntax))):
             kept.append(rcx)
             continue
         readable = [ts for ts in rcx.transfer_syntax if ts in _ACCEPTED]
@@ -158,7 +161,7 @@ def _negotiate(
             )
     result, reply_roles = original(kept, ac_contexts, roles)
     result, reply_roles = _commitment_only_as_peer_scp(result, reply_roles, roles or {})
-    return sorted(result + refused, key=lambda cx: cx.context_id), reply_roles
+    return sorted(result + refused, key=lambda cx: cx.context_id or 0), reply_roles
 
 
 def _commitment_only_as_peer_scp(
@@ -187,7 +190,7 @@ def _is_storage_like(uid: UID) -> bool:
 
 
 def _context(
-    rcx: PresentationContext, syntaxes: list[str], result: int | None = None
+    rcx: PresentationContext, syntaxes: Sequence[str], result: int | None = None
 ) -> PresentationContext:
     cx = PresentationContext()
     cx.context_id = rcx.context_id
@@ -259,6 +262,7 @@ class Gatekeeper:
 
     def check(self, event: Event) -> None:
         request = event.assoc.requestor.primitive
+        assert request is not None  # the A-ASSOCIATE-RQ this event is about
         calling = str(request.calling_ae_title).strip()
         called = str(request.called_ae_title).strip()
         address = str(event.assoc.requestor.address)
