@@ -6,9 +6,9 @@ Storage Commitment (the peer as SCP) is established, its own thread takes the so
 P-DATA-TF PDUs with blocking reads, streams each data set into a spool file as its
 fragments arrive, and answers C-STORE and C-ECHO from byte templates.
 
-Why: pynetdicom's data phase costs about 5 ms of CPU per CT image on our machines
-(two reactor threads that poll, several events and a state-machine step per PDU, a
-pydicom Dataset for every response), five times DCMTK's storescp; and it holds each
+Why: pynetdicom's data phase costs several times the CPU per image of DCMTK's
+storescp (docs/decisions.md#d17: two reactor threads that poll, several events and a
+state-machine step per PDU, a pydicom Dataset for every response); and it holds each
 data set in memory whole. This path does none of that; the PDU and DIMSE rules it
 follows are PS3.8 9.3 (PDU structure) and PS3.7 E (command sets, Implicit VR Little
 Endian). It also takes Storage Commitment N-EVENT-REPORTs from a PACS (PS3.4 J.3.3),

@@ -1,7 +1,7 @@
 """Data sets as Part 10 files, written by the workers (PS3.10 7.1, PS3.5 7.1.2).
 
-``save_as`` costs about 20 µs per element in bookkeeping; most elements of a routed
-instance are still as they were read, so they are copied byte for byte, and only
+``save_as`` spends most of its time on per-element bookkeeping
+(docs/decisions.md#d8); most elements of a routed instance are still as they were read, so they are copied byte for byte, and only
 what the codecs changed is encoded (simple values here, the rest by pydicom).
 ``tests/test_fast_paths.py`` holds the output to pydicom's, byte for byte.
 """
@@ -48,7 +48,7 @@ def part10_chunks(ds: Dataset) -> list[bytes]:
         "ImplementationVersionName": IMPLEMENTATION_VERSION_NAME,
     }
     for keyword, value in identity.items():
-        if meta.get(keyword) != value:  # a UID set is validated: 20 µs, usually for nothing
+        if meta.get(keyword) != value:  # setting a UID validates it, usually for nothing
             setattr(meta, keyword, value)
     ds.file_meta = meta
     if _raw_elements_reusable(ds):
@@ -77,8 +77,8 @@ def _raw_elements_reusable(ds: Dataset) -> bool:
 def _encode_explicit_little(ds: Dataset) -> list[bytes]:
     """What ``save_as`` writes, a few times faster: elements still as read are copied.
 
-    pydicom spends about 20 µs per element on bookkeeping; an image has 50-100 of
-    them, and this runs once per instance in every worker.
+    pydicom's per-element bookkeeping adds up over an image's 50-100 elements, once
+    per instance in every worker (docs/decisions.md#d8).
     """
     chunks: list[bytes] = []
     fp = _little_explicit_buffer()
@@ -114,7 +114,7 @@ def _encode_explicit_little(ds: Dataset) -> list[bytes]:
 def _file_meta_bytes(meta: FileMetaDataset) -> bytes | None:
     """What ``write_file_meta_info`` writes for ``meta``, or None if this cannot tell.
 
-    pydicom validates and re-encodes every element (about 0.3 ms); the node's own
+    pydicom validates and re-encodes every element (docs/decisions.md#d8); the node's own
     file meta holds a handful of elements, still raw or plain text, that need neither.
     Anything unusual (a missing element pydicom would add, a value that is not plain
     ASCII text) is left to pydicom.
@@ -142,8 +142,8 @@ def _plain_value_bytes(vr: str, value: Any) -> bytes | None:
 
     One ASCII string of a text VR (the same bytes in every character set), one
     integer of a binary VR, or OB bytes: what routing and compression typically read
-    or set (UIDs, Rows, Photometric Interpretation...), which pydicom re-encodes at
-    about 20 µs an element.
+    or set (UIDs, Rows, Photometric Interpretation...), which pydicom re-encodes
+    slowly (docs/decisions.md#d8).
     """
     if vr in _TEXT_VRS and isinstance(value, str) and value.isascii():
         data = value.encode()

@@ -8,9 +8,8 @@ them that its writer threads write out (see :class:`node.workers.Prepared`). Not
 here decodes pixels: that happens in :mod:`node.workers`, in other processes.
 
 Why not :class:`concurrent.futures.ProcessPoolExecutor`: its queues, locks and helper
-threads cost 0.25-0.36 ms of CPU per task in this process, one task at a time, taken
-from the thread that answers C-STOREs; a socket per worker costs about 0.02 ms
-(``benchmarks/dispatch.py``, no-op tasks). And a worker that dies takes with it only
+threads cost CPU in this process for every task, taken from the thread that answers
+C-STOREs, about ten times what a socket per worker costs (docs/decisions.md#d2). And a worker that dies takes with it only
 the instance it compresses (the one it writes is done again), so the culprit of a
 crash is known exactly. Workers are started with :mod:`subprocess`, see
 :func:`node.workers.main`.
@@ -70,8 +69,8 @@ class _Worker:
     # Those before, which its writer threads write out.
     writing: list[Path] = field(default_factory=list)
     # The next one, sent ahead: waiting in its socket, the worker starts on it as soon
-    # as it is done compressing. (Sent only when asked, workers sat waiting for the
-    # next job 0.6-1.0 ms per instance of 5-6.)
+    # as it is done compressing. (Sent only when asked, workers sat waiting for their
+    # next job: docs/decisions.md#d3.)
     queued: Path | None = None
 
     @property

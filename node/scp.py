@@ -89,7 +89,8 @@ CommitmentReport = Callable[[int, Dataset | None], int]
 class NoDelayAssociationServer(ThreadedAssociationServer):
     """pynetdicom's threaded server with Nagle's algorithm off on every accepted socket.
 
-    With Nagle on, each C-STORE round trip can stall 40-55 ms waiting for a delayed ACK.
+    With Nagle on, each C-STORE round trip can stall waiting for a delayed ACK
+    (docs/decisions.md#d15).
     """
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
@@ -398,9 +399,8 @@ class ReactorErrors:
 def _shorter_dul_poll(event: Event) -> None:
     """Poll the socket every 0.2 ms instead of pynetdicom's 1 ms.
 
-    Measured with benchmarks/bench.py (CT, one storescu, two A/B pairs): 173 and 187
-    against 153 and 161 images/s receive-only. The price: an idle association costs
-    about 11 % of a core instead of 7 %.
+    Faster receiving, at the price of more CPU for an idle association
+    (docs/decisions.md#d16).
     """
     shorter_dul_poll(event.assoc, DUL_POLL_SECONDS)
 

@@ -76,8 +76,8 @@ def main() -> None:
     """Entry point of a worker process: ``<socket fd> <node pid> <module:task>``.
 
     The node starts its workers with :mod:`subprocess`, not :mod:`multiprocessing`,
-    whose spawn method also starts a resource tracker process (15 MB) that the node
-    has no use for.
+    whose spawn method also starts a resource tracker process that the node has no
+    use for (its memory: docs/decisions.md#d6).
     """
     fd, parent_pid, task_name = sys.argv[1:4]
     module, _, name = task_name.partition(":")
@@ -131,11 +131,9 @@ class _Writer:
     """The threads that write a worker's instances out.
 
     While they wait for fsyncs the worker compresses the next instance, so the core is
-    not left idle (measured on 2 cores: 14-18 % of both cores idle with one worker per
-    core, the node fed as fast as it can). Two of them, because one instance's writing
-    (two fsyncs, each a journal commit) took longer than compressing the next: the
-    worker waited 1.4-2.3 ms per instance for a single writer; fsyncs from two threads
-    share journal commits. Large instances are written alone, before the next one is
+    not left idle. Two of them, because one instance's writing (two fsyncs, each a
+    journal commit) took longer than compressing the next, and fsyncs from two threads
+    share journal commits (docs/decisions.md#d4). Large instances are written alone, before the next one is
     taken, so a worker's memory stays that of about one of them.
     """
 
@@ -240,9 +238,8 @@ def run_only_on_idle_cpu() -> bool:
     """SCHED_IDLE: this process gets a CPU only when nothing else wants it.
 
     At nice 15 a worker still takes its slice from the thread answering C-STOREs and
-    from the sender: timed C-STOREs during a JPEG-LS run, 5 pairs of 200 CT, p99
-    13.0-16.5 ms at nice 15, 12.4-14.2 ms at SCHED_IDLE (receive-only: about 10.5),
-    with the same compression rate (6 pairs, medians 140 and 137 img/s). The price: on
+    from the sender, which shows in the C-STORE response times; SCHED_IDLE keeps the
+    compression rate (docs/decisions.md#d5). The price: on
     a machine that other programs keep fully busy, compression waits and the spool
     grows. False where the platform has no SCHED_IDLE (nice 15 stays).
     """

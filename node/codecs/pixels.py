@@ -130,7 +130,7 @@ def _plain_native_array(ds: Dataset, syntax: UID) -> np.ndarray | None:
     """Native pixel data in the common layouts as an array view, or None.
 
     The same array pydicom's decoder returns with ``raw=True``, without its
-    per-call setup (about 0.5 ms, a tenth of an HTJ2K encode of a CT slice).
+    per-call setup (docs/decisions.md#d13).
     Planar colour, sub-sampled YBR and odd containers go through pydicom.
     """
     if syntax not in _NATIVE_LITTLE:

@@ -84,7 +84,8 @@ class ContextPlan:
 
 
 def _no_delay(event: Event) -> None:
-    """Nagle's algorithm off: otherwise each C-STORE can wait ~40 ms for a delayed ACK."""
+    """Nagle's algorithm off: otherwise each C-STORE can wait for a delayed ACK
+    (docs/decisions.md#d15)."""
     sock = socket_of(event.assoc)
     if sock is not None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
