@@ -21,12 +21,19 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from node.allocator import keep_large_buffers, release_free_memory
 from node.codecs.base import reraise_unless_codec_failure
 from node.config import Config
 from node.outcome import Outcome
+
+if TYPE_CHECKING:  # the names in _MOVED, below, for type checkers ("X as X": re-exported)
+    from node.part10 import _raw_elements_reusable as _raw_elements_reusable
+    from node.part10 import encode_part10 as encode_part10
+    from node.part10 import part10_chunks as part10_chunks
+    from node.routing import DEFER_BYTES as DEFER_BYTES
+    from node.routing import prepare_incoming as prepare_incoming
 
 PR_SET_PDEATHSIG = 1  # from <sys/prctl.h>
 WORKER_NICENESS = 15
