@@ -18,9 +18,8 @@ def keep_large_buffers() -> bool:
     By default glibc gives allocations above its mmap threshold (128 KiB to start
     with) their own mapping and unmaps them on free, and it trims the heap top
     eagerly, so every instance's buffers (data set, pixel array, codestream, output
-    file: 0.2-30 MB each) are page-faulted in anew. Page faults are dear on a VM:
-    with this setting one JPEG-LS instance of a 512x512 CT took 10.3 instead of
-    14.5 ms in a worker (same output bytes). Buffers above 32 MiB still get their own
+    file) are page-faulted in anew, and page faults are dear on a VM (measured:
+    docs/decisions.md#d7). Buffers above 32 MiB still get their own
     mapping and go back to the system when freed; at most 64 MiB of free heap stays.
 
     Returns False where the C library is not glibc (nothing is changed then).
@@ -31,7 +30,7 @@ def keep_large_buffers() -> bool:
         trim_ok = libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
     except (OSError, AttributeError):
         return False
-    return mmap_ok and trim_ok
+    return bool(mmap_ok and trim_ok)
 
 
 def release_free_memory() -> None:

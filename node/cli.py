@@ -190,12 +190,12 @@ def _describe_outbox(name: str, dest: DestinationSettings, outbox: Outbox, spool
         )
     if len(retrying) > SHOWN:
         lines.append(f"  ... and {len(retrying) - SHOWN} more retrying")
-    for item in failed[:SHOWN]:
-        info = item.info
+    for gone in failed[:SHOWN]:
+        info = gone.info
         status = f" status {info['status']}" if info.get("status") else ""
         comment = f" ({info['error_comment']})" if info.get("error_comment") else ""
         lines.append(
-            f"  failed {item.sop_instance_uid or item.id}:{status}{comment} at "
+            f"  failed {gone.sop_instance_uid or gone.id}:{status}{comment} at "
             f"{_when(info.get('time') or now)} after {info.get('attempts', 0)} attempt(s): "
             f"{info.get('error', 'reason unknown')}"
         )

@@ -6,9 +6,9 @@ Storage Commitment (the peer as SCP) is established, its own thread takes the so
 P-DATA-TF PDUs with blocking reads, streams each data set into a spool file as its
 fragments arrive, and answers C-STORE and C-ECHO from byte templates.
 
-Why: pynetdicom's data phase costs about 5 ms of CPU per CT image on our machines
-(two reactor threads that poll, several events and a state-machine step per PDU, a
-pydicom Dataset for every response), five times DCMTK's storescp; and it holds each
+Why: pynetdicom's data phase costs several times the CPU per image of DCMTK's
+storescp (docs/decisions.md#d17: two reactor threads that poll, several events and a
+state-machine step per PDU, a pydicom Dataset for every response); and it holds each
 data set in memory whole. This path does none of that; the PDU and DIMSE rules it
 follows are PS3.8 9.3 (PDU structure) and PS3.7 E (command sets, Implicit VR Little
 Endian). It also takes Storage Commitment N-EVENT-REPORTs from a PACS (PS3.4 J.3.3),
@@ -34,7 +34,10 @@ from pydicom.filereader import read_dataset
 from pydicom.uid import UID
 from pynetdicom import evt
 from pynetdicom.events import Event
-from pynetdicom.sop_class import StorageCommitmentPushModel, Verification
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    StorageCommitmentPushModel,
+    Verification,
+)
 
 from node.admission import DEFLATED, EXPLICIT_VR_LITTLE_ENDIAN, Inflater, Refusal, command_refusal
 from node.fsutil import DurableFile
@@ -349,7 +352,7 @@ class DataPhase:
         self._instance = instance
 
     def _is_commitment(self, context_id: int) -> bool:
-        return self._contexts[context_id].abstract_syntax == StorageCommitmentPushModel
+        return bool(self._contexts[context_id].abstract_syntax == StorageCommitmentPushModel)
 
     def _on_report_fragment(self, context_id: int, fragment: memoryview, last: bool) -> None:
         report = self._report
@@ -535,7 +538,8 @@ def _us(fields: dict[int, bytes], element: int) -> int:
     value = fields.get(element, b"")
     if len(value) != 2:
         raise ProtocolError(f"command element (0000,{element:04X}) is not a US value")
-    return struct.unpack("<H", value)[0]
+    number: int = struct.unpack("<H", value)[0]
+    return number
 
 
 def _uid(fields: dict[int, bytes], element: int) -> str:
@@ -644,7 +648,8 @@ def serve(
     if not take:
         return
     phase = DataPhase(assoc, target, network_timeout())
-    assoc.abort = phase.abort  # the node's shutdown aborts associations this way
+    # The node's shutdown aborts associations this way.
+    assoc.abort = phase.abort  # type: ignore[method-assign,assignment]
     try:
         how = phase.run()
     except Exception:  # a bug here must not leave the association half-open

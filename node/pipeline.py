@@ -8,9 +8,8 @@ them that its writer threads write out (see :class:`node.workers.Prepared`). Not
 here decodes pixels: that happens in :mod:`node.workers`, in other processes.
 
 Why not :class:`concurrent.futures.ProcessPoolExecutor`: its queues, locks and helper
-threads cost 0.25-0.36 ms of CPU per task in this process, one task at a time, taken
-from the thread that answers C-STOREs; a socket per worker costs about 0.02 ms
-(``benchmarks/dispatch.py``, no-op tasks). And a worker that dies takes with it only
+threads cost CPU in this process for every task, taken from the thread that answers
+C-STOREs, about ten times what a socket per worker costs (docs/decisions.md#d2). And a worker that dies takes with it only
 the instance it compresses (the one it writes is done again), so the culprit of a
 crash is known exactly. Workers are started with :mod:`subprocess`, see
 :func:`node.workers.main`.
@@ -36,8 +35,9 @@ from pathlib import Path
 
 from node.config import Config
 from node.errors import StartupError
+from node.outcome import Outcome, Status
 from node.spool import Spool
-from node.workers import DONE, FREE, READY, Outcome, Reply, Status, Task, prepare_incoming
+from node.workers import DONE, FREE, READY, Reply, Task
 
 log = logging.getLogger("dicom_node.pipeline")
 
@@ -51,6 +51,9 @@ START_SECONDS = 120.0
 RESTART_PAUSE_SECONDS = 5.0
 # What a worker process runs; tests find workers by it.
 WORKER_MAIN = "from node.workers import main; main()"
+# What workers run per instance, by name: this process does not import it (nor the
+# codecs it imports).
+DEFAULT_TASK = "node.routing:prepare_incoming"
 
 
 class WorkerStartError(StartupError):
@@ -66,8 +69,8 @@ class _Worker:
     # Those before, which its writer threads write out.
     writing: list[Path] = field(default_factory=list)
     # The next one, sent ahead: waiting in its socket, the worker starts on it as soon
-    # as it is done compressing. (Sent only when asked, workers sat waiting for the
-    # next job 0.6-1.0 ms per instance of 5-6.)
+    # as it is done compressing. (Sent only when asked, workers sat waiting for their
+    # next job: docs/decisions.md#d3.)
     queued: Path | None = None
 
     @property
@@ -91,7 +94,7 @@ class Pipeline:
         config: Config,
         spool: Spool,
         on_outcome: Callable[[Outcome], None] | None = None,
-        task: Task = prepare_incoming,
+        task: Task | str = DEFAULT_TASK,
     ) -> None:
         self.config = config
         self.spool = spool
@@ -193,7 +196,11 @@ class Pipeline:
         # A new interpreter, not a fork: the network process runs threads, and a forked
         # child would inherit their locks in whatever state they were.
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        task = f"{self._task.__module__}:{self._task.__qualname__}"
+        task = (
+            self._task
+            if isinstance(self._task, str)
+            else f"{self._task.__module__}:{self._task.__qualname__}"
+        )
         command = [sys.executable, "-c", WORKER_MAIN, str(theirs.fileno()), str(os.getpid()), task]
         # The worker finds the modules this process found (a test's task, say).
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}

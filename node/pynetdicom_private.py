@@ -249,8 +249,8 @@ def keep_responses_from_the_reactor(assoc: Any) -> None:
     it says paused) and then wait on the same queue for their response. A reactor that
     has just passed the checkpoint when the pause starts can still take the response:
     it logs "Received unexpected C-STORE service message" and drops it, and the sender
-    waits out the DIMSE timeout, then aborts the association (measured: twice in about
-    18,000 C-STOREs, a 60 s stall each). Here a response the reactor takes while a
+    waits out the DIMSE timeout, then aborts the association (seen in the benchmarks:
+    docs/decisions.md#d14). Here a response the reactor takes while a
     request is waiting for it (checkpoint cleared) goes back on the queue.
     """
     serve_request = assoc._serve_request

@@ -13,7 +13,8 @@ from fnmatch import fnmatchcase
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
-from node.config import IPNetwork, Match, Rule
+from node.config import Match, Rule
+from node.schema import IPNetwork
 
 _URL = re.compile(r"^dicom://\[?(?P<host>[^\]]*?)\]?:(?P<port>\d+)$")
 

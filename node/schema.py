@@ -81,9 +81,8 @@ def existing_file(value: Any, where: str, base_dir: Path) -> Path:
 
 
 def kind_of(value: Any) -> str:
-    return {dict: "a mapping", list: "a list", str: "a string"}.get(
-        type(value), type(value).__name__
-    )
+    names: dict[type, str] = {dict: "a mapping", list: "a list", str: "a string"}
+    return names.get(type(value), type(value).__name__)
 
 
 def expect_mapping(value: Any, where: str) -> None:

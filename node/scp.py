@@ -14,7 +14,7 @@ import socketserver
 import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path
@@ -25,7 +25,10 @@ from pydicom.uid import UID
 from pynetdicom import AE, evt
 from pynetdicom.events import Event
 from pynetdicom.presentation import PresentationContext
-from pynetdicom.sop_class import StorageCommitmentPushModel, Verification
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    StorageCommitmentPushModel,
+    Verification,
+)
 from pynetdicom.transport import ThreadedAssociationServer
 
 from node import dataphase
@@ -86,7 +89,8 @@ CommitmentReport = Callable[[int, Dataset | None], int]
 class NoDelayAssociationServer(ThreadedAssociationServer):
     """pynetdicom's threaded server with Nagle's algorithm off on every accepted socket.
 
-    With Nagle on, each C-STORE round trip can stall 40-55 ms waiting for a delayed ACK.
+    With Nagle on, each C-STORE round trip can stall waiting for a delayed ACK
+    (docs/decisions.md#d15).
     """
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
@@ -146,7 +150,7 @@ def _negotiate(
 ) -> Any:
     kept, refused = [], []
     for rcx in rq_contexts:
-        if not _is_storage_like(UID(rcx.abstract_syntax)):
+        if not _is_storage_like(UID(str(rcx.abstract_syntax))):
             kept.append(rcx)
             continue
         readable = [ts for ts in rcx.transfer_syntax if ts in _ACCEPTED]
@@ -158,7 +162,7 @@ def _negotiate(
             )
     result, reply_roles = original(kept, ac_contexts, roles)
     result, reply_roles = _commitment_only_as_peer_scp(result, reply_roles, roles or {})
-    return sorted(result + refused, key=lambda cx: cx.context_id), reply_roles
+    return sorted(result + refused, key=lambda cx: cx.context_id or 0), reply_roles
 
 
 def _commitment_only_as_peer_scp(
@@ -187,7 +191,7 @@ def _is_storage_like(uid: UID) -> bool:
 
 
 def _context(
-    rcx: PresentationContext, syntaxes: list[str], result: int | None = None
+    rcx: PresentationContext, syntaxes: Sequence[str], result: int | None = None
 ) -> PresentationContext:
     cx = PresentationContext()
     cx.context_id = rcx.context_id
@@ -259,6 +263,7 @@ class Gatekeeper:
 
     def check(self, event: Event) -> None:
         request = event.assoc.requestor.primitive
+        assert request is not None  # the A-ASSOCIATE-RQ this event is about
         calling = str(request.calling_ae_title).strip()
         called = str(request.called_ae_title).strip()
         address = str(event.assoc.requestor.address)
@@ -394,9 +399,8 @@ class ReactorErrors:
 def _shorter_dul_poll(event: Event) -> None:
     """Poll the socket every 0.2 ms instead of pynetdicom's 1 ms.
 
-    Measured with benchmarks/bench.py (CT, one storescu, two A/B pairs): 173 and 187
-    against 153 and 161 images/s receive-only. The price: an idle association costs
-    about 11 % of a core instead of 7 %.
+    Faster receiving, at the price of more CPU for an idle association
+    (docs/decisions.md#d16).
     """
     shorter_dul_poll(event.assoc, DUL_POLL_SECONDS)
 

@@ -10,16 +10,19 @@ import time
 from dataclasses import replace
 from http.server import ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 from prometheus_client.registry import Collector  # dicomweb (issue 17)
 from pydicom.dataset import Dataset
 from pynetdicom import AE
+from pynetdicom.association import Association
 
 from node.config import RESTART_ONLY, Config, load_config
 from node.destinations import Runner
 from node.destinations.commitment import INVALID_ARGUMENT, transaction_uid
 from node.errors import ConfigError, StartupError
 from node.metrics import Metrics, start_metrics
+from node.outcome import Outcome
 from node.pipeline import Pipeline
 from node.scp import (
     Gatekeeper,
@@ -32,7 +35,6 @@ from node.scp import (
 from node.senders import start_runners
 from node.spool import Spool, SpoolLock
 from node.systemd import Notifier
-from node.workers import Outcome
 
 log = logging.getLogger("dicom_node")
 
@@ -98,7 +100,9 @@ class Node:
             settings.worker_count,
         )
 
-    def _listen(self, host: str, port: int, tls: ssl.SSLContext | None, evt_handlers: list) -> None:
+    def _listen(
+        self, host: str, port: int, tls: ssl.SSLContext | None, evt_handlers: list[Any]
+    ) -> None:
         assert self._ae is not None
         try:
             server = self._ae.make_server(
@@ -110,6 +114,8 @@ class Node:
         except OSError as exc:
             self.stop()
             raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+        # make_server builds the server_class given, typed as its base class.
+        assert isinstance(server, NoDelayAssociationServer)
         self._servers.append(server)
         threading.Thread(target=server.serve_forever, name=f"acceptor-{port}", daemon=True).start()
 
@@ -193,7 +199,7 @@ class Node:
             len(config.destinations),
         )
 
-    def _busy_associations(self) -> list:
+    def _busy_associations(self) -> list[Association]:
         # A connection that never sent an A-ASSOCIATE-RQ (a port probe) has nothing to finish.
         return [a for s in self._servers for a in s.active_associations if a.is_established]
 

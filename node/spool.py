@@ -188,10 +188,9 @@ class Spool:
     def create_ahead(self) -> DurableFile:
         """An empty temp file in ``incoming/`` for the next instance, before it arrives.
 
-        Creating a file can wait for a journal commit that another fsync started
-        (py-spy, receive-only CT: 15 % of the receiving thread's time was the
-        ``open``); created while the peer prepares its next C-STORE, it costs no
-        response time. A crash leaves it as a partial write, removed at start.
+        Creating a file can wait for a journal commit that another fsync started (a
+        good part of the receiving thread's time: docs/decisions.md#d1); created while
+        the peer prepares its next C-STORE, it costs no response time. A crash leaves it as a partial write, removed at start.
         """
         tmp = self.incoming / f".ahead-{os.getpid()}-{next(self._counter):06d}{TMP_SUFFIX}"
         return DurableFile(self.incoming / "unnamed.dcm", tmp=tmp)

@@ -1,7 +1,9 @@
-"""What a worker process does with one acknowledged instance: match, compress, hand over.
+"""The worker processes: how they start, take jobs and answer the node (bootstrap and IPC).
 
-Runs in worker processes only (pixel work stays out of the network process). It
-reports what it did as an :class:`Outcome`; the main process does the logging.
+A worker runs a task per instance, by default :func:`node.routing.prepare_incoming`
+(match, compress, hand over), and reports what it did as an
+:class:`~node.outcome.Outcome`; the main process does the logging. This module is
+imported by the node's pipeline too, for the messages: it imports no codec.
 """
 
 from __future__ import annotations
@@ -12,59 +14,32 @@ import os
 import pickle
 import queue
 import signal
-import struct
 import sys
 import threading
 import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
-from io import BytesIO
 from multiprocessing.connection import Connection
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pydicom
-from pydicom.charset import default_encoding
-from pydicom.dataelem import DataElement, RawDataElement
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.errors import InvalidDicomError
-from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import write_data_element, write_file_meta_info
-from pydicom.uid import UID
-
-from node.admission import Refusal, deflated_file_refusal
 from node.allocator import keep_large_buffers, release_free_memory
-from node.codecs import compress_dataset, passthrough
-from node.codecs.base import CompressResult, reraise_unless_codec_failure
-from node.config import Config, Rule
-from node.destinations import CannotDeliver, type_of
-from node.fsutil import is_permanent, link_or_copy_durably, makedirs_durably, write_durably
-from node.outbox import Failure, ItemState, Outbox
-from node.outcome import Outcome, Status
-from node.rules import Origin, first_match
-from node.spool import (
-    IMPLEMENTATION_CLASS_UID,
-    IMPLEMENTATION_VERSION_NAME,
-    Spool,
-    element_header,
-)
+from node.codecs.base import reraise_unless_codec_failure
+from node.config import Config
+from node.outcome import Outcome
+
+if TYPE_CHECKING:  # the names in _MOVED, below, for type checkers ("X as X": re-exported)
+    from node.part10 import _raw_elements_reusable as _raw_elements_reusable
+    from node.part10 import encode_part10 as encode_part10
+    from node.part10 import part10_chunks as part10_chunks
+    from node.routing import DEFER_BYTES as DEFER_BYTES
+    from node.routing import prepare_incoming as prepare_incoming
 
 PR_SET_PDEATHSIG = 1  # from <sys/prctl.h>
-DEFER_BYTES = 64 * 1024
 WORKER_NICENESS = 15
 READY = b"ready"
 # After an instance this large a worker gives its freed memory back to the system.
 LARGE_INSTANCE_BYTES = 16 * 1024 * 1024
-PIXEL_DATA = 0x7FE00010
-ITEM_TAG = b"\xfe\xff\x00\xe0"  # (FFFE,E000), little endian
-SEQUENCE_DELIMITER = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"  # (FFFE,E0DD), length 0
-META_GROUP_LENGTH = 0x00020000
-# What pydicom's writer would add or refuse when missing: version, SOP class and
-# instance, transfer syntax, implementation class and version name.
-_REQUIRED_META = (0x00020001, 0x00020002, 0x00020003, 0x00020010, 0x00020012, 0x00020013)
-_TEXT_VRS = frozenset({"UI", "AE", "SH", "LO", "CS", "UR"})
-_INT_FORMATS = {"US": "<H", "SS": "<h", "UL": "<L", "SL": "<l"}
 
 
 @dataclass
@@ -108,8 +83,8 @@ def main() -> None:
     """Entry point of a worker process: ``<socket fd> <node pid> <module:task>``.
 
     The node starts its workers with :mod:`subprocess`, not :mod:`multiprocessing`,
-    whose spawn method also starts a resource tracker process (15 MB) that the node
-    has no use for.
+    whose spawn method also starts a resource tracker process that the node has no
+    use for (its memory: docs/decisions.md#d6).
     """
     fd, parent_pid, task_name = sys.argv[1:4]
     module, _, name = task_name.partition(":")
@@ -163,11 +138,9 @@ class _Writer:
     """The threads that write a worker's instances out.
 
     While they wait for fsyncs the worker compresses the next instance, so the core is
-    not left idle (measured on 2 cores: 14-18 % of both cores idle with one worker per
-    core, the node fed as fast as it can). Two of them, because one instance's writing
-    (two fsyncs, each a journal commit) took longer than compressing the next: the
-    worker waited 1.4-2.3 ms per instance for a single writer; fsyncs from two threads
-    share journal commits. Large instances are written alone, before the next one is
+    not left idle. Two of them, because one instance's writing (two fsyncs, each a
+    journal commit) took longer than compressing the next, and fsyncs from two threads
+    share journal commits (docs/decisions.md#d4). Large instances are written alone, before the next one is
     taken, so a worker's memory stays that of about one of them.
     """
 
@@ -272,9 +245,8 @@ def run_only_on_idle_cpu() -> bool:
     """SCHED_IDLE: this process gets a CPU only when nothing else wants it.
 
     At nice 15 a worker still takes its slice from the thread answering C-STOREs and
-    from the sender: timed C-STOREs during a JPEG-LS run, 5 pairs of 200 CT, p99
-    13.0-16.5 ms at nice 15, 12.4-14.2 ms at SCHED_IDLE (receive-only: about 10.5),
-    with the same compression rate (6 pairs, medians 140 and 137 img/s). The price: on
+    from the sender, which shows in the C-STORE response times; SCHED_IDLE keeps the
+    compression rate (docs/decisions.md#d5). The price: on
     a machine that other programs keep fully busy, compression waits and the spool
     grows. False where the platform has no SCHED_IDLE (nice 15 stays).
     """
@@ -291,329 +263,19 @@ def _exit_when_orphaned(parent_pid: int) -> None:
     os._exit(1)
 
 
-def prepare_incoming(config: Config, path_text: str) -> Outcome | Prepared:
-    """Read, route and compress one file of ``incoming/``; what is left is writing it.
-
-    Returns the outcome itself when there is nothing to write (the file was gone, is
-    unreadable, or no rule matched it).
-    """
-    started = time.perf_counter()
-    path = Path(path_text)
-    spool = Spool(config.node.spool)
-    outcome = Outcome(incoming=path.name, status=Status.DELIVERED, bytes_in=_size(path))
-    if not path.exists():
-        outcome.status = Status.GONE
-        return outcome
-    refusal = _deflate_refusal(path, config.node.max_dataset_size)
-    if refusal is not None:
-        reason = f"not read: {refusal.comment}"
-        spool.keep_aside(path, spool.quarantine, reason)
-        outcome.status, outcome.reason = Status.QUARANTINED, reason
-        return outcome
-    try:
-        # Large values (Pixel Data) are read only if a codec asks for them.
-        ds = pydicom.dcmread(path, defer_size=DEFER_BYTES)
-        ds.SOPInstanceUID  # noqa: B018 - a data set without it cannot be routed or stored
-    except (InvalidDicomError, AttributeError, ValueError, EOFError, OSError, KeyError) as exc:
-        reason = f"cannot be read as DICOM: {type(exc).__name__}: {exc}"
-        spool.keep_aside(path, spool.quarantine, reason)
-        outcome.status, outcome.reason = Status.QUARANTINED, reason
-        return outcome
-    outcome.sop_instance_uid = str(ds.SOPInstanceUID)
-    origin = Origin.from_file_meta(ds.file_meta)
-    rule = first_match(config.rules, ds, origin)
-    if rule is None:
-        reason = (
-            f"no rule matched (Modality={ds.get('Modality', '')!r}, "
-            f"calling AE {origin.calling_ae_title!r}, peer {origin.peer_address})"
-        )
-        spool.keep_aside(path, spool.unrouted, reason)
-        outcome.status, outcome.reason = Status.UNROUTED, reason
-        return outcome
-    outcome.rule = rule.name
-    if rule.compress is None:
-        # Sent as received: the spool file is already a valid Part 10 file, so it is
-        # linked (or copied) to the destinations as it is, without re-encoding.
-        outcome.transfer_syntax = str(ds.file_meta.TransferSyntaxUID)
-        return Prepared(
-            outcome,
-            lambda: _hand_over(config, spool, rule, ds, path, outcome, received=True),
-            started,
-        )
-    result = _apply_rule(rule, ds, path)
-    if result is None:  # not compressed, and written as received
-        outcome.transfer_syntax = str(ds.file_meta.TransferSyntaxUID)
-        return Prepared(
-            outcome,
-            lambda: _hand_over(config, spool, rule, ds, path, outcome, received=True),
-            started,
-        )
-    outcome.transfer_syntax = str(result.transfer_syntax)
-    outcome.compressed, outcome.lossy = result.compressed, result.lossy
-    outcome.reason, outcome.notes = result.reason, list(result.notes)
-    outcome.sop_instance_uid = str(result.dataset.SOPInstanceUID)
-    return Prepared(
-        outcome, lambda: _hand_over(config, spool, rule, result.dataset, path, outcome), started
-    )
+# Names that lived here before routing and the Part 10 writer got modules of their own
+# (tests import them from here); imported on first use, so that the node's pipeline,
+# which imports this module, does not load the codecs.
+_MOVED = {
+    "DEFER_BYTES": "node.routing",
+    "prepare_incoming": "node.routing",
+    "encode_part10": "node.part10",
+    "part10_chunks": "node.part10",
+    "_raw_elements_reusable": "node.part10",
+}
 
 
-def _apply_rule(rule: Rule, ds: Dataset, path: Path) -> CompressResult | None:
-    """The rule's compression of ``ds``; None: a deflated instance to keep as received."""
-    assert rule.compress is not None
-    deflated = UID(ds.file_meta.get("TransferSyntaxUID", "")).is_deflated
-    # The worker owns ds: no defensive copy. A pass-through may find ds half-changed,
-    # so it starts again from the file, which is still in incoming/.
-    result = compress_dataset(ds, rule.compress, copy_input=False)
-    if result.reason is not None and deflated:
-        # Its file is valid as it is; reading it again would inflate it a second time.
-        return None
-    if result.reason is not None:
-        kept = passthrough(pydicom.dcmread(path), result.reason)
-        kept.notes = result.notes
-        return kept
-    return result
-
-
-def _deflate_refusal(path: Path, limit: int) -> Refusal | None:
-    """Why a deflated file must not be read (it inflates past ``limit``, or is corrupt).
-
-    The receiving side checks this before acknowledging; a file may also come from
-    an older spool. Costs nothing for files that are not deflated.
-    """
-    try:
-        return deflated_file_refusal(path, limit)
-    except (OSError, struct.error):
-        return None  # dcmread then says what is wrong with it
-
-
-def _hand_over(
-    config: Config,
-    spool: Spool,
-    rule: Rule,
-    ds: Dataset,
-    incoming: Path,
-    outcome: Outcome,
-    received: bool = False,
-) -> None:
-    """Give every destination its copy (written once, then linked), or queue it.
-
-    The first copy goes straight to its final place, so a full spool does not stop
-    delivery to an archive on another disk. An OSError here (disk full) leaves the
-    incoming file in place; the pipeline tries again later.
-    """
-    chunks = [] if received else part10_chunks(ds)
-    outcome.bytes_out = outcome.bytes_in if received else sum(len(c) for c in chunks)
-    written: Path | None = incoming if received else None
-
-    def put(path: Path) -> None:
-        nonlocal written
-        if written is None:
-            write_durably(path, chunks)
-            written = path
-        else:
-            link_or_copy_durably(written, path)
-
-    for name in rule.send_to:
-        dest = config.destinations[name]
-        permanent: str | None = None
-        try:
-            if type_of(dest).deliver(dest, ds, put):
-                outcome.delivered.append(name)
-                continue
-        except (OSError, CannotDeliver) as exc:
-            if isinstance(exc, OSError) and is_permanent(exc):
-                permanent = f"cannot write: {exc}"
-                outcome.errors.append(f"{name}: {exc}; moved to failed/")
-            else:
-                outcome.errors.append(f"{name}: {exc}; queued for retry")
-        pending = spool.pending_dir(name)
-        makedirs_durably(pending)
-        put(pending / incoming.name)
-        if permanent is not None:
-            _fail_at_once(spool, name, incoming.name, permanent, outcome.sop_instance_uid)
-        outcome.queued.append(name)
-    # Every destination has it or holds it in its outbox: the incoming copy can go.
-    incoming.unlink()
-
-
-def _fail_at_once(spool: Spool, destination: str, name: str, error: str, uid: str) -> None:
-    """Move an instance just queued for ``destination`` to its ``failed/``, with why.
-
-    For errors that retrying cannot cure (a file name the file system refuses).
-    """
-    outbox = Outbox(spool, destination)
-    makedirs_durably(outbox.failed)
-    item_id = name.removesuffix(".dcm")
-    outbox.fail(item_id, Failure(error=error), ItemState(attempts=1), uid)
-
-
-def encode_part10(ds: Dataset) -> bytes:
-    """``ds`` as a Part 10 file with the node's own implementation identity."""
-    return b"".join(part10_chunks(ds))
-
-
-def part10_chunks(ds: Dataset) -> list[bytes]:
-    """:func:`encode_part10` in pieces, so that a large Pixel Data value is written
-    to the file as it is, not copied into the encoded data set first."""
-    meta = ds.file_meta if isinstance(ds.file_meta, FileMetaDataset) else FileMetaDataset()
-    identity = {
-        "MediaStorageSOPClassUID": ds.SOPClassUID,
-        "MediaStorageSOPInstanceUID": ds.SOPInstanceUID,
-        "ImplementationClassUID": IMPLEMENTATION_CLASS_UID,
-        "ImplementationVersionName": IMPLEMENTATION_VERSION_NAME,
-    }
-    for keyword, value in identity.items():
-        if meta.get(keyword) != value:  # a UID set is validated: 20 µs, usually for nothing
-            setattr(meta, keyword, value)
-    ds.file_meta = meta
-    if _raw_elements_reusable(ds):
-        return _encode_explicit_little(ds)
-    buffer = BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
-    return [buffer.getvalue()]
-
-
-def _raw_elements_reusable(ds: Dataset) -> bool:
-    """True if the elements still as read can be copied byte for byte into the output.
-
-    That holds when input and output are both Explicit VR Little Endian (encapsulated
-    syntaxes included, deflated excepted) and the character set did not change.
-    """
-    syntax = UID(ds.file_meta.get("TransferSyntaxUID", ""))
-    return (
-        ds.original_encoding == (False, True)
-        and ds.original_character_set == ds._character_set
-        and not syntax.is_implicit_VR
-        and syntax.is_little_endian
-        and not syntax.is_deflated
-    )
-
-
-def _encode_explicit_little(ds: Dataset) -> list[bytes]:
-    """What ``save_as`` writes, a few times faster: elements still as read are copied.
-
-    pydicom spends about 20 µs per element on bookkeeping; an image has 50-100 of
-    them, and this runs once per instance in every worker.
-    """
-    chunks: list[bytes] = []
-    fp = _little_explicit_buffer()
-    preamble = getattr(ds, "preamble", None)
-    fp.write((preamble if preamble and len(preamble) == 128 else bytes(128)) + b"DICM")
-    meta = _file_meta_bytes(ds.file_meta)
-    if meta is None:
-        write_file_meta_info(fp, ds.file_meta, enforce_standard=True)
-    else:
-        fp.write(meta)
-    charset = ds.get("SpecificCharacterSet", default_encoding)
-    for tag in sorted(ds.keys()):
-        if tag.element == 0 and tag.group > 6:
-            continue  # retired group lengths, as pydicom's writer drops them
-        elem = ds.get_item(tag)
-        if _copyable(elem):
-            fp.write(element_header(tag, elem.VR, elem.length))
-            fp.write(elem.value)
-        elif tag == PIXEL_DATA and _value_writable_as_is(ds[tag]):
-            chunks += [fp.getvalue(), *_pixel_data_chunks(ds[tag])]
-            fp = _little_explicit_buffer()
-        elif not _undefined_length(elem) and (
-            (data := _plain_value_bytes(elem.VR, elem.value)) is not None
-        ):
-            fp.write(element_header(tag, elem.VR, len(data)))
-            fp.write(data)
-        else:
-            write_data_element(fp, ds[tag], charset)
-    chunks.append(fp.getvalue())
-    return chunks
-
-
-def _file_meta_bytes(meta: FileMetaDataset) -> bytes | None:
-    """What ``write_file_meta_info`` writes for ``meta``, or None if this cannot tell.
-
-    pydicom validates and re-encodes every element (about 0.3 ms); the node's own
-    file meta holds a handful of elements, still raw or plain text, that need neither.
-    Anything unusual (a missing element pydicom would add, a value that is not plain
-    ASCII text) is left to pydicom.
-    """
-    if any(tag not in meta or meta[tag].is_empty for tag in _REQUIRED_META):
-        return None
-    parts = []
-    for tag in sorted(meta.keys()):
-        if tag == META_GROUP_LENGTH:
-            continue
-        elem = meta.get_item(tag)
-        if _copyable(elem):
-            parts += [element_header(tag, elem.VR, elem.length), elem.value]
-            continue
-        data = None if _undefined_length(elem) else _plain_value_bytes(elem.VR, elem.value)
-        if data is None:
-            return None
-        parts += [element_header(tag, elem.VR, len(data)), data]
-    body = b"".join(parts)
-    return element_header(META_GROUP_LENGTH, "UL", 4) + struct.pack("<L", len(body)) + body
-
-
-def _plain_value_bytes(vr: str, value: Any) -> bytes | None:
-    """The value as pydicom writes it, for the simple cases only (else None).
-
-    One ASCII string of a text VR (the same bytes in every character set), one
-    integer of a binary VR, or OB bytes: what routing and compression typically read
-    or set (UIDs, Rows, Photometric Interpretation...), which pydicom re-encodes at
-    about 20 µs an element.
-    """
-    if vr in _TEXT_VRS and isinstance(value, str) and value.isascii():
-        data = value.encode()
-        return data + (b"\x00" if vr == "UI" else b" ") if len(data) % 2 else data
-    if vr in _INT_FORMATS and type(value) is int:
-        try:
-            return struct.pack(_INT_FORMATS[vr], value)
-        except struct.error:  # out of range: let pydicom say so
-            return None
-    if vr == "OB" and isinstance(value, bytes):
-        return value + b"\x00" if len(value) % 2 else value
-    return None
-
-
-def _undefined_length(elem: DataElement | RawDataElement) -> bool:
-    if isinstance(elem, RawDataElement):
-        return elem.length == 0xFFFFFFFF
-    return elem.is_undefined_length
-
-
-def _little_explicit_buffer() -> DicomBytesIO:
-    fp = DicomBytesIO()
-    fp.is_little_endian, fp.is_implicit_VR = True, False
-    return fp
-
-
-def _value_writable_as_is(elem: DataElement) -> bool:
-    """True if pydicom would write this Pixel Data value unchanged (no padding or check)."""
-    value = elem.value
-    return (
-        elem.VR in ("OB", "OW")
-        and isinstance(value, bytes)
-        and len(value) % 2 == 0
-        and (not elem.is_undefined_length or value.startswith(ITEM_TAG))
-    )
-
-
-def _pixel_data_chunks(elem: DataElement) -> list[bytes]:
-    if elem.is_undefined_length:  # encapsulated: items, then the sequence delimiter
-        return [element_header(PIXEL_DATA, elem.VR, 0xFFFFFFFF), elem.value, SEQUENCE_DELIMITER]
-    return [element_header(PIXEL_DATA, elem.VR, len(elem.value)), elem.value]
-
-
-def _copyable(elem: Any) -> bool:
-    return (
-        isinstance(elem, RawDataElement)
-        and elem.value is not None  # not deferred
-        and elem.VR not in (None, "SQ", "UN")
-        and elem.length != 0xFFFFFFFF
-        and len(elem.value) == elem.length
-    )
-
-
-def _size(path: Path) -> int:
-    try:
-        return os.path.getsize(path)
-    except OSError:
-        return 0
+def __getattr__(name: str) -> Any:
+    if name in _MOVED:
+        return getattr(importlib.import_module(_MOVED[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

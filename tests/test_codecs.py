@@ -37,7 +37,7 @@ from pydicom.uid import (
     RLELossless,
 )
 
-import node.codecs as codecs
+import node.codecs.transcode as codecs
 from node.codecs import (
     CodecError,
     CompressResult,

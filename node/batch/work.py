@@ -3,7 +3,7 @@
 The per-instance work is the daemon's: :func:`node.rules.first_match` picks the rule,
 :func:`node.codecs.compress_dataset` encodes (bit-exact lossless with the same UID,
 lossy marked as the daemon marks it, ``verify`` with an independent decoder) and
-:func:`node.workers.part10_chunks` encodes the file. What differs is where it goes:
+:func:`node.part10.part10_chunks` encodes the file. What differs is where it goes:
 
 - in place, the new file is written beside the original under a temp name
   (:func:`node.batch.walk.temp_name`), given the original's mode and owner, fsync'ed,
@@ -46,8 +46,8 @@ from node.codecs import compress_dataset
 from node.destinations import folder
 from node.destinations.folder import FolderDestination, UnsafePathError
 from node.fsutil import fsync_dir, makedirs_durably
+from node.part10 import part10_chunks
 from node.rules import Origin, first_match
-from node.workers import part10_chunks
 
 PR_SET_PDEATHSIG = 1  # from <sys/prctl.h>
 WRITER_THREADS = 2

@@ -4,8 +4,7 @@ imagecodecs' ``jpegls_encode`` always writes a sample precision (P) of the array
 bit width, 16 for CT. Signed data coded with P = 16 must then carry sign-extended
 16-bit values (DCMTK's ``dcmcjpls`` writes that); their Bits Stored pattern with
 P = 16 decodes in pydicom with -2048 as +2048. pyjpegls writes P = Bits Stored but
-its CharLS build is much slower (11.3 vs 6.5 ms for a 512x512 12-bit CT slice on one
-core here, same CharLS API). CharLS's own C API takes P as a parameter, so the node
+its CharLS build is much slower (same CharLS API; docs/decisions.md#d10). CharLS's own C API takes P as a parameter, so the node
 calls it, through ctypes, in the library imagecodecs' JPEG-LS module is linked with,
 with P = Bits Stored as pyjpegls writes it. ctypes releases the GIL for the call.
 """

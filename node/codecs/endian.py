@@ -74,7 +74,7 @@ def _pixel_data_width(vr: str, bits_allocated: int | None) -> int | None:
     return 2 if vr == VR.OW else None
 
 
-def swap_bytes(value: bytes, width: int) -> bytes:
+def swap_bytes(value: bytes | bytearray, width: int) -> bytes:
     """`value` with each `width`-byte word reversed; a trailing odd byte is kept."""
     whole = len(value) - len(value) % width
     words = np.frombuffer(value, dtype=f">u{width}", count=whole // width)

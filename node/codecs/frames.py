@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import struct
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from pydicom.dataset import Dataset
@@ -24,7 +24,7 @@ from node.codecs import charls
 from node.codecs.pixels import PixelFormatError, Pixels
 
 # A frame encoder: (one frame of stored values, its description, options) -> codestream.
-FrameEncoder = Callable[..., bytes]
+FrameEncoder = Callable[..., bytes | bytearray]
 
 # Basic Offset Table entries are 32-bit (PS3.5 A.4).
 _BOT_LIMIT = 2**32 - 1
@@ -59,11 +59,12 @@ def encode_frames(
     set_encapsulated(ds, fragments, target)
 
 
-def set_encapsulated(ds: Dataset, frames: list[bytes], target: UID) -> None:
+def set_encapsulated(ds: Dataset, frames: list[bytes | bytearray], target: UID) -> None:
     # Item header (8 bytes) plus the even-padded frame, as encapsulate() lays it out.
     total = sum(8 + len(f) + len(f) % 2 for f in frames)
     if total > _BOT_LIMIT:
-        data, offsets, lengths = encapsulate_extended(frames)
+        # pydicom takes any bytes-like frame (its annotation says bytes).
+        data, offsets, lengths = encapsulate_extended(cast(list[bytes], frames))
         ds.PixelData = data
         ds.ExtendedOffsetTable = offsets
         ds.ExtendedOffsetTableLengths = lengths
@@ -75,7 +76,7 @@ def set_encapsulated(ds: Dataset, frames: list[bytes], target: UID) -> None:
     ds.file_meta.TransferSyntaxUID = target
 
 
-def encapsulate_with_offsets(frames: list[bytes]) -> bytes:
+def encapsulate_with_offsets(frames: list[bytes | bytearray]) -> bytes:
     """What ``pydicom.encaps.encapsulate(frames, has_bot=True)`` returns, with one copy.
 
     pydicom copies each frame into an item, the items into a growing buffer and the
@@ -83,7 +84,7 @@ def encapsulate_with_offsets(frames: list[bytes]) -> bytes:
     in the worker at once. Here the frames are copied once, by ``bytes.join``.
     """
     offsets, position = [], 0
-    parts: list[bytes] = [b""]  # the Basic Offset Table item, once the offsets are known
+    parts: list[bytes | bytearray] = [b""]  # the Basic Offset Table item, once known
     for frame in frames:
         padding = b"\x00" if len(frame) % 2 else b""
         offsets.append(position)
@@ -190,7 +191,7 @@ def jpeg_baseline(frame: np.ndarray, pixels: Pixels, *, quality: int) -> bytes:
     return bytes(imagecodecs.jpeg8_encode(frame, level=quality, **options))
 
 
-def jpegls(frame: np.ndarray, pixels: Pixels, *, near: int = 0) -> bytes:
+def jpegls(frame: np.ndarray, pixels: Pixels, *, near: int = 0) -> bytes | bytearray:
     """JPEG-LS with the CharLS that imagecodecs ships (faster than pyjpegls, GIL released).
 
     The sample precision P is Bits Stored, as pyjpegls writes it, through CharLS's C
@@ -272,7 +273,7 @@ def _decode_htj2k(stream: bytes) -> np.ndarray:
     # OpenJPEG (pylibjpeg-openjpeg) clips overshoot to the sample range; imagecodecs'
     # OpenJPH decoder wraps it around in 8-bit output, which would spoil the search.
     try:
-        from openjpeg import decode
+        from openjpeg.utils import decode
     except ImportError:
         import imagecodecs
 

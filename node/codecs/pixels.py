@@ -9,10 +9,11 @@ sign-extended here, and the encoders see clean values in the Bits Allocated cont
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from pydicom.dataset import Dataset
-from pydicom.pixels import get_decoder
+from pydicom.pixels.decoders.base import get_decoder
 from pydicom.pixels.utils import pack_bits
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
@@ -54,15 +55,17 @@ def stored_values(arr: np.ndarray, bits_stored: int, signed: bool) -> np.ndarray
     width = arr.dtype.itemsize
     if _already_stored_values(arr, bits_stored, signed):
         # Most images: no stray bits above Bits Stored, so no copy of the pixels.
-        return arr.view(f"{'i' if signed else 'u'}{width}")
+        same: np.ndarray = arr.view(f"{'i' if signed else 'u'}{width}")
+        return same
     unsigned = arr.view(f"u{width}")
     utype = unsigned.dtype.type
     mask = utype((1 << bits_stored) - 1)
-    values = unsigned & mask
+    values: np.ndarray = unsigned & mask
     if signed:
         sign = utype(1 << (bits_stored - 1))
         values = (values ^ sign) - sign
-        return values.view(f"i{width}")
+        extended: np.ndarray = values.view(f"i{width}")
+        return extended
     return values
 
 
@@ -88,6 +91,7 @@ def decode_stored(ds: Dataset, syntax: UID) -> Pixels:
     bits_stored = int(ds.BitsStored)
     signed = int(ds.PixelRepresentation) == 1
     plain = _plain_native_array(ds, syntax)
+    meta: dict[str, Any]
     if plain is not None:
         arr, meta = plain, {}
     else:
@@ -126,7 +130,7 @@ def _plain_native_array(ds: Dataset, syntax: UID) -> np.ndarray | None:
     """Native pixel data in the common layouts as an array view, or None.
 
     The same array pydicom's decoder returns with ``raw=True``, without its
-    per-call setup (about 0.5 ms, a tenth of an HTJ2K encode of a CT slice).
+    per-call setup (docs/decisions.md#d13).
     Planar colour, sub-sampled YBR and odd containers go through pydicom.
     """
     if syntax not in _NATIVE_LITTLE:

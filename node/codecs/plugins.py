@@ -16,8 +16,7 @@ import importlib
 from dataclasses import dataclass
 from functools import cache
 
-from pydicom.pixels import get_encoder
-from pydicom.pixels.encoders.base import Encoder
+from pydicom.pixels.encoders.base import Encoder, get_encoder
 from pydicom.uid import (
     HTJ2K,
     JPEG2000,
@@ -61,7 +60,8 @@ class NodePlugin:
 
     def load(self) -> FrameEncoder:
         module, func = self.function.split(":")
-        return getattr(importlib.import_module(module), func)
+        encoder: FrameEncoder = getattr(importlib.import_module(module), func)
+        return encoder
 
 
 @cache
@@ -94,10 +94,9 @@ NODE_PLUGINS: dict[UID, tuple[NodePlugin, ...]] = {
     JPEGLSNearLossless: (_JPEGLS,),
 }
 
-# Fastest first, from `dicom-node codecs` on a 512x512 signed 12-bit CT (one core,
-# MB/s of input): RLE gdcm ~200, pylibjpeg-rle 64-91, pydicom's own ~10; JPEG-LS
-# imagecodecs' CharLS 6.5 ms per slice vs pyjpegls 11.3 ms (see frames.jpegls and
-# node.codecs.charls). Plugins not ranked here are tried after the ranked ones.
+# Fastest first, as `dicom-node codecs` measured them (docs/decisions.md#d11; for
+# JPEG-LS see frames.jpegls and node.codecs.charls). Plugins not ranked here are tried
+# after the ranked ones.
 SPEED_RANK: dict[UID, tuple[str, ...]] = {
     RLELossless: ("gdcm", "pylibjpeg", "pydicom"),
     JPEGLSLossless: ("imagecodecs", "pyjpegls"),
@@ -151,8 +150,8 @@ def library_of(uid: str, name: str) -> str:
 
 @cache
 def _installed(uid: str) -> frozenset[str]:
-    # What is installed does not change while the node runs; asking pydicom and the
-    # node's plugins again took 30 µs, twice per instance.
+    # What is installed does not change while the node runs, and asking pydicom and
+    # the node's plugins is not free (docs/decisions.md#d12).
     names = {p.name for p in NODE_PLUGINS.get(UID(uid), ()) if p.is_available}
     encoder = _pydicom_encoder(uid)
     if encoder is not None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 from pydicom.pixels.encoders.base import ENCODING_PROFILES
 from pydicom.uid import (
     HTJ2K,
@@ -110,7 +112,8 @@ NODE_PROFILES: dict[UID, list[Profile]] = {
 
 def profiles(uid: UID) -> list[Profile]:
     """The pixel formats `uid` may hold when the node writes it (PS3.5 section 8.2)."""
-    return NODE_PROFILES.get(uid) or list(ENCODING_PROFILES.get(uid, []))
+    # pydicom's table has the same layout, typed more loosely.
+    return NODE_PROFILES.get(uid) or cast(list[Profile], list(ENCODING_PROFILES.get(uid, [])))
 
 
 def lookup_syntax(name_or_uid: str) -> SyntaxInfo | None:

@@ -24,12 +24,13 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, generate_uid
 from pynetdicom import evt
 from pynetdicom.association import Association
+from pynetdicom.dimse_primitives import N_EVENT_REPORT
 from pynetdicom.events import Event
 from pynetdicom.presentation import PresentationContext, build_context
 
@@ -380,7 +381,8 @@ class CommitmentFlow:
 
     def _event_report(self, event: Event) -> tuple[int, None]:
         """EVT_N_EVENT_REPORT on the sending association: settle, then answer."""
-        event_type = int(event.request.EventTypeID)
+        request = cast(N_EVENT_REPORT, event.request)
+        event_type = int(cast(int, request.EventTypeID))
         return self.store.report(event_type, event.event_information), None
 
 

@@ -41,6 +41,20 @@ from node.schema import (
 )
 
 if TYPE_CHECKING:
+    # The names in _MOVED, below, for type checkers ("X as X": re-exported).
+    from node.destinations.dicom_net import AssociationFailed as AssociationFailed
+    from node.destinations.dicom_net import ContextPlan as ContextPlan
+    from node.destinations.dicom_net import associate as associate
+    from node.destinations.dicom_net import echo as echo
+    from node.destinations.dicom_net import new_ae as new_ae
+    from node.destinations.dicom_sender import DicomRunner as DicomRunner
+    from node.destinations.dicom_sender import StoreResult as StoreResult
+    from node.destinations.dicom_sender import Verdict as Verdict
+    from node.destinations.dicom_sender import decompressed as decompressed
+    from node.destinations.dicom_sender import judge as judge
+    from node.pynetdicom_private import (
+        keep_responses_from_the_reactor as keep_responses_from_the_reactor,
+    )
     from node.spool import Spool
 
 

@@ -20,7 +20,7 @@ from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.events import Event
 from pynetdicom.presentation import PresentationContext, build_context
-from pynetdicom.sop_class import Verification
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from node.destinations.dicom import ClientTls, DicomDestination
 from node.errors import DeliveryError
@@ -84,7 +84,8 @@ class ContextPlan:
 
 
 def _no_delay(event: Event) -> None:
-    """Nagle's algorithm off: otherwise each C-STORE can wait ~40 ms for a delayed ACK."""
+    """Nagle's algorithm off: otherwise each C-STORE can wait for a delayed ACK
+    (docs/decisions.md#d15)."""
     sock = socket_of(event.assoc)
     if sock is not None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

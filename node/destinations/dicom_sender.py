@@ -28,7 +28,7 @@ from typing import Any
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_file_meta_info
-from pydicom.pixels import get_decoder
+from pydicom.pixels.decoders.base import get_decoder
 from pydicom.uid import UID
 from pynetdicom import AE
 from pynetdicom.association import Association
@@ -397,7 +397,7 @@ class DicomRunner(Runner):
         """:meth:`_store` on a taken-over association: the file as it is if the peer
         takes its syntax, else re-encoded (or decompressed) in an uncompressed one."""
         contexts = {
-            (UID(cx.abstract_syntax), UID(cx.transfer_syntax[0])): int(cx.context_id or 0)
+            (UID(str(cx.abstract_syntax)), UID(cx.transfer_syntax[0])): int(cx.context_id or 0)
             for cx in assoc.accepted_contexts
         }
         if meta.transfer_syntax in accepted:
@@ -407,6 +407,7 @@ class DicomRunner(Runner):
         uncompressed = [ts for ts in UNCOMPRESSED if ts in accepted]
         if not uncompressed:
             return StoreResult(Verdict.PERMANENT, self._not_accepted(meta, accepted))
+        ds: Dataset
         if meta.transfer_syntax in UNCOMPRESSED:
             ds = pydicom.dcmread(path)
         elif self.dest.fallback == "uncompressed":

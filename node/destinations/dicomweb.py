@@ -55,6 +55,7 @@ from prometheus_client.registry import Collector
 from pydicom.filereader import read_file_meta_info
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
+from node.destinations import Runner
 from node.destinations.dicomweb_config import (
     AuthKind,
     DicomwebAuth,
@@ -559,7 +560,7 @@ class Meta:
     transfer_syntax: UID
 
 
-class DicomwebRunner:
+class DicomwebRunner(Runner):
     """Sends one DICOMweb destination's outbox; see the module docstring."""
 
     def __init__(self, dest: DicomwebDestination, spool: Spool) -> None:

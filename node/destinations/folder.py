@@ -52,7 +52,7 @@ def safe_component(value: object) -> str:
     """``value`` as one harmless path component: no separators, no ``..``, never empty,
     at most :data:`MAX_COMPONENT_BYTES` bytes in UTF-8."""
     if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":
-        text = "_".join(str(v) for v in value)  # type: ignore[union-attr]
+        text = "_".join(str(v) for v in value)  # type: ignore[attr-defined]
     else:
         text = "" if value is None else str(value)
     # Lone surrogates (undecodable input) cannot be file names: "?" and then "_".
@@ -89,7 +89,7 @@ def target_path(dest: FolderDestination, ds: Dataset) -> Path:
     The check is lexical: every value is a safe component (no separator, never
     ``..``) and the layout is checked when the config is loaded, so only a ``..``
     could lead out, and normpath settles that. (``Path.resolve()`` stat'ed every
-    component of the path, 0.2 ms per instance.) A symlink an administrator put inside
+    component of the path: docs/decisions.md#d9.) A symlink an administrator put inside
     the folder is followed.
     """
     relative = _FIELD.sub(lambda m: safe_component(ds.get(m.group(1))), dest.layout)
