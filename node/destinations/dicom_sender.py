@@ -317,10 +317,12 @@ class DicomRunner(Runner):
 
         Instances stored while commitment is wanted are added to ``stored``.
         """
-        for item_id in queue:
+        for n, item_id in enumerate(queue):
             usable = wire.open if wire is not None else assoc.is_established
             if self._stopping.is_set() or not usable:
                 return False
+            if wire is not None and n + 1 < len(queue):
+                wire.read_ahead = self.outbox.pending_path(queue[n + 1])
             result = self._store(assoc, item_id, wire)
             if result.verdict is Verdict.DELIVERED and self.commitment is not None:
                 stored[item_id] = self.commitment.stored(item_id, self._reference(item_id, result))
