@@ -142,6 +142,8 @@ class NodeSettings:
     port: int | None = field(default=11112, metadata=RESTART)
     spool: Path = field(default=Path("dicom-node-data/spool"), metadata=RESTART)
     workers: int = field(default=0, metadata=RESTART)  # 0 (``auto``) = one per CPU
+    # Processes that accept associations on the same port (SO_REUSEPORT); 0 = ``auto``.
+    receivers: int = field(default=1, metadata=RESTART)
     max_pdu: int = field(default=DEFAULT_MAX_PDU, metadata=RESTART)
     max_associations: int = 32
     log_level: LogLevel = LogLevel.INFO
@@ -159,6 +161,11 @@ class NodeSettings:
     @property
     def worker_count(self) -> int:
         return self.workers or (os.cpu_count() or 1)
+
+    @property
+    def receiver_count(self) -> int:
+        """``auto``: one receiving process per 4 CPUs (docs/decisions.md#d26)."""
+        return self.receivers or max(1, (os.cpu_count() or 1) // 4)
 
 
 @dataclass(frozen=True)
@@ -224,6 +231,13 @@ def _parse_node(raw: Any, base_dir: Path) -> NodeSettings:
         workers = 0
     else:
         workers = as_int(workers_raw, f"{where}.workers", minimum=1, hint="or 'auto'")
+    receivers_raw = raw.get("receivers", d.receivers)
+    if receivers_raw == "auto":
+        receivers = 0
+    else:
+        receivers = as_int(
+            receivers_raw, f"{where}.receivers", minimum=1, maximum=64, hint="or 'auto'"
+        )
     log_level = _log_level(raw.get("log_level", d.log_level), f"{where}.log_level")
     log_format = raw.get("log_format", d.log_format)
     if log_format not in ("text", "json"):
@@ -259,6 +273,7 @@ def _parse_node(raw: Any, base_dir: Path) -> NodeSettings:
         ),
         spool=as_path(raw.get("spool", str(d.spool)), f"{where}.spool", base_dir),
         workers=workers,
+        receivers=receivers,
         max_pdu=as_int(raw.get("max_pdu", d.max_pdu), f"{where}.max_pdu", minimum=4096),
         max_associations=as_int(
             raw.get("max_associations", d.max_associations),

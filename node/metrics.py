@@ -104,6 +104,9 @@ class Metrics:
         )
         r.register(_Depths(backlog, outboxes))
 
+    def protocol_error(self, kind: str) -> None:
+        self.protocol_errors.labels(kind).inc()
+
     def received(self, size: int, ok: bool, seconds: float) -> None:
         self.instances_received.labels("stored" if ok else "refused").inc()
         self.bytes_in.inc(size)

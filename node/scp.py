@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
@@ -38,7 +38,6 @@ from node.admission import (
 from node.config import NodeSettings, TlsSettings
 from node.dataphase import StoreTarget
 from node.errors import StartupError
-from node.metrics import Metrics
 from node.pynetdicom_private import (
     Negotiate,
     enable_unrestricted_storage,
@@ -213,7 +212,7 @@ class _Traffic:
 class AssociationLog:
     """One log line per association: peer, AE titles, instances, bytes, duration."""
 
-    def __init__(self, metrics: Metrics | None = None) -> None:
+    def __init__(self, metrics: ReceiveMetrics | None = None) -> None:
         self._lock = threading.Lock()
         self._open: dict[int, _Traffic] = {}
         self._metrics = metrics
@@ -258,8 +257,13 @@ class Gatekeeper:
     (``CT_*``) and by network.
     """
 
-    def __init__(self, settings: NodeSettings) -> None:
+    def __init__(
+        self, settings: NodeSettings, established: Callable[[Event], int] | None = None
+    ) -> None:
         self.settings = settings
+        # How many associations are in progress; with several receiving processes, the
+        # count across all of them (node/receivers.py).
+        self._count = established or self._established
 
     def check(self, event: Event) -> None:
         request = event.assoc.requestor.primitive
@@ -267,7 +271,7 @@ class Gatekeeper:
         calling = str(request.calling_ae_title).strip()
         called = str(request.called_ae_title).strip()
         address = str(event.assoc.requestor.address)
-        if self._established(event) >= self.settings.max_associations:
+        if self._count(event) >= self.settings.max_associations:
             log.warning(
                 "association rejected: %d associations in progress (node.max_associations); "
                 "%r at %s may try again",
@@ -330,13 +334,25 @@ def server_tls_context(tls: TlsSettings) -> ssl.SSLContext:
     return context
 
 
+class ReceiveMetrics(Protocol):
+    """What the receiving side counts (node.metrics.Metrics, or a receiving process's
+    link to the main process that keeps the metrics)."""
+
+    def received(self, size: int, ok: bool, seconds: float) -> None: ...
+
+    def protocol_error(self, kind: str) -> None: ...
+
+
 def handlers(
     spool: Spool,
     submit: Submit,
     gatekeeper: Gatekeeper,
-    metrics: Metrics | None = None,
+    metrics: ReceiveMetrics | None = None,
     commitment_report: CommitmentReport | None = None,
+    watchers: list[Any] | None = None,
 ) -> list[Any]:
+    """pynetdicom's event handlers for the node's listeners; ``watchers`` are more
+    (event, handler) pairs for notification events (association opened and ended)."""
     associations = AssociationLog(metrics)
     target = StoreTarget(
         spool=spool,
@@ -361,6 +377,7 @@ def handlers(
         (evt.EVT_ACCEPTED, lambda event: associations.opened(event)),
         (evt.EVT_RELEASED, associations.closed, ["released"]),
         (evt.EVT_ABORTED, associations.closed, ["aborted"]),
+        *(watchers or []),
     ]
 
 
@@ -381,7 +398,7 @@ def _prepare_connection(
 class ReactorErrors:
     """Logs and counts associations aborted because pynetdicom's reactor raised."""
 
-    def __init__(self, metrics: Metrics | None) -> None:
+    def __init__(self, metrics: ReceiveMetrics | None) -> None:
         self._metrics = metrics
 
     def __call__(self, assoc: Any, exc: BaseException) -> None:
@@ -393,7 +410,7 @@ class ReactorErrors:
             str(exc)[:200],
         )
         if self._metrics is not None:
-            self._metrics.protocol_errors.labels(type(exc).__name__).inc()
+            self._metrics.protocol_error(type(exc).__name__)
 
 
 def _shorter_dul_poll(event: Event) -> None:

@@ -232,8 +232,8 @@ def main() -> None:
     fd, parent_pid = int(sys.argv[1]), int(sys.argv[2])
     conn = Connection(fd)
     config, names = pickle.loads(conn.recv_bytes())
-    _die_with(parent_pid)
-    _setup_logging(config)
+    die_with_parent(parent_pid, SENDER_NICENESS)
+    setup_logging(config)
     spool = Spool(config.node.spool)
     runners: dict[str, Runner] = {}
     for name in names:
@@ -282,19 +282,20 @@ def _stop(runner: Runner, name: str, timeout: float, reply: Any) -> None:
         reply(("stopped", name))
 
 
-def _die_with(parent_pid: int) -> None:
-    """End with the node however it ends; leave signals to it; yield to its receiving."""
+def die_with_parent(parent_pid: int, niceness: int) -> None:
+    """End with the node however it ends; leave signals to it; step back by ``niceness``."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent_pid:
         os._exit(1)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    with contextlib.suppress(OSError):
-        os.nice(SENDER_NICENESS)
+    if niceness:
+        with contextlib.suppress(OSError):
+            os.nice(niceness)
 
 
-def _setup_logging(config: Config) -> None:
+def setup_logging(config: Config) -> None:
     from node.cli import _setup_logging as setup
 
     setup(config.node.log_level, config.node.log_format)

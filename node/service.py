@@ -24,6 +24,7 @@ from node.errors import ConfigError, StartupError
 from node.metrics import Metrics, start_metrics
 from node.outcome import Outcome
 from node.pipeline import Pipeline
+from node.receivers import ReceiverPool
 from node.scp import (
     Gatekeeper,
     NoDelayAssociationServer,
@@ -57,6 +58,7 @@ class Node:
         self._ae: AE | None = None
         self._gatekeeper: Gatekeeper | None = None
         self._servers: list[NoDelayAssociationServer] = []
+        self._receivers: ReceiverPool | None = None
 
     def start(self) -> None:
         self.spool_lock.acquire()  # before create(), which removes partial writes
@@ -74,8 +76,11 @@ class Node:
                 raise StartupError(
                     f"node.metrics: cannot listen on {m.host}:{m.port}: {exc.strerror or exc}"
                 ) from exc
-        enable_any_storage_class()
         settings = self.config.node
+        if settings.receiver_count > 1:
+            self._start_receivers(settings.receiver_count)
+            return
+        enable_any_storage_class()
         self._ae = build_ae(settings)
         self._gatekeeper = Gatekeeper(settings)
         evt_handlers = handlers(
@@ -96,6 +101,31 @@ class Node:
             "ready: AE title %s listening on %s (spool %s, %d workers)",
             settings.ae_title,
             ", ".join(self._addresses()),
+            settings.spool,
+            settings.worker_count,
+        )
+
+    def _start_receivers(self, count: int) -> None:
+        """``node.receivers`` > 1: receiving processes listen, this one does not."""
+        self._receivers = ReceiverPool(
+            self.config, self.pipeline.submit, self._commitment_report, self.metrics, count
+        )
+        try:
+            self._receivers.start()
+        except StartupError:
+            self.stop()
+            raise
+        settings = self.config.node
+        ports = [str(settings.port)] if settings.port is not None else []
+        if settings.tls is not None:
+            ports.append(f"{settings.tls.port} (TLS)")
+        log.info(
+            "ready: AE title %s listening on %s port %s in %d receiving processes "
+            "(spool %s, %d workers)",
+            settings.ae_title,
+            settings.host,
+            ", ".join(ports),
+            count,
             settings.spool,
             settings.worker_count,
         )
@@ -171,6 +201,9 @@ class Node:
                 log.warning("aborting association with %s at shutdown", assoc.requestor.ae_title)
                 assoc.abort()
         self._servers.clear()
+        if self._receivers is not None:  # each lets its associations finish, then exits
+            self._receivers.stop()
+            self._receivers = None
         self.pipeline.stop()
         if self.metrics_server is not None:
             self.metrics_server.shutdown()
@@ -188,6 +221,8 @@ class Node:
         config = self._keep_listening_settings(config)
         if self._gatekeeper is not None:
             self._gatekeeper.settings = config.node  # the next association sees it
+        if self._receivers is not None:
+            self._receivers.reload(config)
         stop_all(self.runners)
         self.config = config
         self.pipeline.reconfigure(config)
