@@ -138,6 +138,20 @@ class Pipeline:
             self._pending.append(path)
             self._wake()
 
+    def rescan(self) -> int:
+        """Queue what is in ``incoming/`` and not known here: instances acknowledged by
+        a receiving process that died before it told this one (node/receivers.py)."""
+        with self._lock:
+            known = set(self._pending)
+            for worker in self._workers:
+                known.update(worker.holds())
+            found = [p for p in self.spool.list_incoming() if p not in known]
+            if self._stopping or not found:
+                return 0
+            self._pending.extend(found)
+            self._wake()
+        return len(found)
+
     def reconfigure(self, config: Config) -> None:
         """Route instances not yet handed to a worker with ``config``."""
         self.config = config

@@ -82,9 +82,11 @@ class ReceiverPool:
         commitment_report: CommitmentReport,
         metrics: Any,
         count: int,
+        rescan: Callable[[], int] = lambda: 0,
     ) -> None:
         self.config = config
         self.submit = submit
+        self.rescan = rescan
         self.commitment_report = commitment_report
         self.metrics = metrics
         self.count = count
@@ -219,6 +221,11 @@ class _Child:
             self._forget_open_associations()
             if self.pool.stopping:
                 return
+            # Everything it said has been read: what it acknowledged and did not say
+            # is in incoming/ (a rename is durable before the answer).
+            found = self.pool.rescan()
+            if found:
+                log.info("queued %d instance(s) a receiving process had not reported", found)
             log.error(
                 "receiving process %d exited (status %s); starting it again, what it "
                 "acknowledged is in the spool",

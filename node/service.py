@@ -108,7 +108,12 @@ class Node:
     def _start_receivers(self, count: int) -> None:
         """``node.receivers`` > 1: receiving processes listen, this one does not."""
         self._receivers = ReceiverPool(
-            self.config, self.pipeline.submit, self._commitment_report, self.metrics, count
+            self.config,
+            self.pipeline.submit,
+            self._commitment_report,
+            self.metrics,
+            count,
+            rescan=self.pipeline.rescan,
         )
         try:
             self._receivers.start()
