@@ -419,6 +419,8 @@ def run_campaign(
     escaped = text.count("Exception in thread")
     if escaped:
         problems.append(f"{escaped} exceptions escaped threads")
+        at = text.index("Exception in thread")
+        problems.append(text[at : at + 3000])  # the first one's traceback
     return Verdict(
         cases=dict(tally.cases),
         statuses=dict(tally.statuses),
