@@ -24,6 +24,7 @@ from node.errors import ConfigError
 
 DEFAULT_MAX_PDU = 1_048_576
 AE_TITLE_MAX = 16
+DEFAULT_DRAIN_SECONDS = 10.0
 # Keys of ``match`` that describe the association rather than the dataset.
 ASSOCIATION_KEYS = ("calling_ae_title", "called_ae_title", "peer_address")
 
@@ -124,6 +125,17 @@ class MetricsSettings:
 
 
 @dataclass(frozen=True)
+class ProxyProtocolSettings:
+    """PROXY protocol (v1 and v2) on the DICOM and TLS ports, behind a load balancer.
+
+    A connection from a ``trusted`` network must begin with a PROXY header; any other
+    connection is refused.
+    """
+
+    trusted: tuple[str, ...]  # IP networks in CIDR form
+
+
+@dataclass(frozen=True)
 class NodeSettings:
     ae_title: str = "DICOM-NODE"
     host: str = "0.0.0.0"
@@ -143,10 +155,21 @@ class NodeSettings:
     network_timeout: float = 60.0
     min_free_space: int = 64 * 1024 * 1024  # bytes the spool keeps free; below it: A700
     max_dataset_size: int = 2 * 1024**3  # a larger data set aborts its association
+    proxy_protocol: ProxyProtocolSettings | None = None
+    # Seconds /healthz answers 503 after SIGTERM before the listeners close; None: 10 s
+    # when a load balancer can watch (metrics or proxy_protocol set), else 0.
+    drain_seconds: float | None = None
 
     @property
     def worker_count(self) -> int:
         return self.workers or (os.cpu_count() or 1)
+
+    @property
+    def drain_window(self) -> float:
+        if self.drain_seconds is not None:
+            return self.drain_seconds
+        watched = self.metrics is not None or self.proxy_protocol is not None
+        return DEFAULT_DRAIN_SECONDS if watched else 0.0
 
 
 @dataclass(frozen=True)
@@ -219,6 +242,8 @@ def _parse_node(raw: Any, base_dir: Path) -> NodeSettings:
             "network_timeout",
             "min_free_space",
             "max_dataset_size",
+            "proxy_protocol",
+            "drain_seconds",
         ),
     )
     defaults = NodeSettings()
@@ -274,7 +299,37 @@ def _parse_node(raw: Any, base_dir: Path) -> NodeSettings:
             minimum=1,
         ),
         log_level=log_level,
+        proxy_protocol=_parse_proxy_protocol(raw["proxy_protocol"], f"{where}.proxy_protocol")
+        if "proxy_protocol" in raw
+        else None,
+        drain_seconds=None
+        if raw.get("drain_seconds") is None
+        else _drain_seconds(raw["drain_seconds"], f"{where}.drain_seconds"),
     )
+
+
+def _parse_proxy_protocol(raw: Any, where: str) -> ProxyProtocolSettings:
+    _expect_mapping(raw, where)
+    _reject_unknown(raw, where, ("trusted",))
+    trusted = raw.get("trusted")
+    if not isinstance(trusted, list) or not trusted:
+        raise ConfigError(
+            f"{where}.trusted: required: a non-empty list of the load balancers' addresses "
+            "or CIDR networks"
+        )
+    networks = []
+    for i, value in enumerate(trusted):
+        if isinstance(value, dict | list) or value is None:
+            raise ConfigError(f"{where}.trusted[{i}]: expected an IP address or CIDR network")
+        networks.append(_network(str(value), f"{where}.trusted[{i}]"))
+    return ProxyProtocolSettings(trusted=tuple(networks))
+
+
+def _drain_seconds(value: Any, where: str) -> float:
+    """A duration, or 0 for no drain window."""
+    if value == 0 and not isinstance(value, bool):
+        return 0.0
+    return _duration(value, where)
 
 
 def _parse_allow(raw: Any, where: str) -> tuple[AllowEntry, ...]:
