@@ -128,11 +128,13 @@ class MetricsSettings:
 class ProxyProtocolSettings:
     """PROXY protocol (v1 and v2) on the DICOM and TLS ports, behind a load balancer.
 
-    A connection from a ``trusted`` network must begin with a PROXY header; any other
-    connection is refused.
+    A connection from a ``trusted`` network (the balancers) must begin with a PROXY
+    header; one from a ``direct`` network (a PACS that calls back with Storage
+    Commitment reports) must not, and keeps its own address; any other is refused.
     """
 
     trusted: tuple[str, ...]  # IP networks in CIDR form
+    direct: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -310,19 +312,33 @@ def _parse_node(raw: Any, base_dir: Path) -> NodeSettings:
 
 def _parse_proxy_protocol(raw: Any, where: str) -> ProxyProtocolSettings:
     _expect_mapping(raw, where)
-    _reject_unknown(raw, where, ("trusted",))
-    trusted = raw.get("trusted")
-    if not isinstance(trusted, list) or not trusted:
+    _reject_unknown(raw, where, ("trusted", "direct"))
+    if not isinstance(raw.get("trusted"), list) or not raw["trusted"]:
         raise ConfigError(
             f"{where}.trusted: required: a non-empty list of the load balancers' addresses "
             "or CIDR networks"
         )
+    trusted = _network_list(raw["trusted"], f"{where}.trusted")
+    direct = _network_list(raw.get("direct") or [], f"{where}.direct")
+    for i, net in enumerate(direct):
+        for j, other in enumerate(trusted):
+            if ipaddress.ip_network(net).overlaps(ipaddress.ip_network(other)):
+                raise ConfigError(
+                    f"{where}.direct[{i}]: {net} overlaps {where}.trusted[{j}] ({other}); "
+                    "a caller either sends a PROXY header or does not"
+                )
+    return ProxyProtocolSettings(trusted=trusted, direct=direct)
+
+
+def _network_list(raw: Any, where: str) -> tuple[str, ...]:
+    if not isinstance(raw, list):
+        raise ConfigError(f"{where}: expected a list of IP addresses or CIDR networks")
     networks = []
-    for i, value in enumerate(trusted):
+    for i, value in enumerate(raw):
         if isinstance(value, dict | list) or value is None:
-            raise ConfigError(f"{where}.trusted[{i}]: expected an IP address or CIDR network")
-        networks.append(_network(str(value), f"{where}.trusted[{i}]"))
-    return ProxyProtocolSettings(trusted=tuple(networks))
+            raise ConfigError(f"{where}[{i}]: expected an IP address or CIDR network")
+        networks.append(_network(str(value), f"{where}[{i}]"))
+    return tuple(networks)
 
 
 def _drain_seconds(value: Any, where: str) -> float:

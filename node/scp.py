@@ -130,31 +130,13 @@ class NoDelayAssociationServer(ThreadedAssociationServer):
     def _open(self, sock: socket.socket, peer: tuple[str, int]) -> tuple[Any, Any] | None:
         """The socket to hand pynetdicom and the client's address, or None to close."""
         door = self.door
-        address: tuple[str, int] = (peer[0], peer[1])
         timeout = door.handshake_timeout() if door is not None else 30.0
         settings = door.proxy_protocol() if door is not None else None
-        if settings is not None:
-            if not proxy.trusted(peer[0], settings.trusted):
-                log.warning(
-                    "connection from %s:%s refused: not in node.proxy_protocol.trusted",
-                    peer[0],
-                    peer[1],
-                )
-                return None
-            try:
-                header = proxy.read_header(sock, address, min(timeout, proxy.HEADER_TIMEOUT))
-            except proxy.HeaderError as exc:
-                level = logging.DEBUG if exc.silent else logging.WARNING
-                log.log(level, "connection from %s:%s closed: %s", peer[0], peer[1], exc)
-                return None
-            if header.kind is proxy.Kind.LOCAL:
-                if door is not None and door.draining():
-                    # The balancer's own check (a DICOM-level tcp-check): fail it.
-                    log.debug("draining: health check connection from %s:%s closed", *peer[:2])
-                    return None
-                address = BalancerAddress(header.address)
-            else:
-                address = header.address
+        address: tuple[str, int] | None = (peer[0], peer[1])
+        if settings is not None and door is not None:
+            address = self._client_address(sock, address, settings, door, timeout)
+        if address is None:
+            return None
         if self.ssl_context is None:
             return sock, address
         try:
@@ -165,6 +147,37 @@ class NoDelayAssociationServer(ThreadedAssociationServer):
             log.info("TLS handshake with %s:%s failed: %s", address[0], address[1], exc)
             return None
         return tls, address
+
+    @staticmethod
+    def _client_address(
+        sock: socket.socket,
+        peer: tuple[str, int],
+        settings: ProxyProtocolSettings,
+        door: Door,
+        timeout: float,
+    ) -> tuple[str, int] | None:
+        """The caller's address under node.proxy_protocol, or None to close."""
+        if proxy.trusted(peer[0], settings.direct):
+            return peer
+        if not proxy.trusted(peer[0], settings.trusted):
+            log.warning(
+                "connection from %s:%s refused: not in node.proxy_protocol.trusted nor .direct",
+                *peer,
+            )
+            return None
+        try:
+            header = proxy.read_header(sock, peer, min(timeout, proxy.HEADER_TIMEOUT))
+        except proxy.HeaderError as exc:
+            level = logging.DEBUG if exc.silent else logging.WARNING
+            log.log(level, "connection from %s:%s closed: %s", *peer, exc)
+            return None
+        if header.kind is proxy.Kind.PROXIED:
+            return header.address
+        if door.draining():
+            # The balancer's own check (a DICOM-level tcp-check): fail it while draining.
+            log.debug("draining: health check connection from %s:%s closed", *peer)
+            return None
+        return BalancerAddress(header.address)
 
     def shutdown(self) -> None:
         """Stop accepting and close the listening socket; associations go on.

@@ -342,13 +342,13 @@ def test_proxy_port_takes_v1_v2_and_local_and_closes_the_rest(nodes, tmp_path: P
         nodes,
         "n",
         """
-        proxy_protocol: {trusted: [127.0.0.1]}
-        allow: [{peer_address: [203.0.113.0/24, 198.51.100.0/24, 127.0.0.1]}]
+        proxy_protocol: {trusted: [127.0.0.1], direct: [127.0.0.4]}
+        allow: [{peer_address: [203.0.113.0/24, 198.51.100.0/24, 127.0.0.0/8]}]
         """,
         rules=rules,
         extra_destinations=f"doc: {{type: folder, path: {doc}}}\n",
     )
-    first, second = small_cts(2)
+    first, second, third = small_cts(3)
 
     # No header: closed, and the log names the peer.
     sock = connect(node.port)
@@ -383,14 +383,22 @@ def test_proxy_port_takes_v1_v2_and_local_and_closes_the_rest(nodes, tmp_path: P
     with connect(node.port) as sock:
         sock.sendall(v2_header("198.51.100.9", 5151))
         assert store_one(sock, second) == 0x0000
-    node.wait_until(lambda: len(list(doc.rglob("*.dcm"))) == 1 and len(node.archived()) == 1)
+    # From a `direct` address (a PACS calling back): no header, its own address.
+    with connect(node.port, source="127.0.0.4") as sock:
+        assert store_one(sock, third) == 0x0000
+    node.wait_until(lambda: len(list(doc.rglob("*.dcm"))) == 1 and len(node.archived()) == 2)
     routed = pydicom.dcmread(next(doc.rglob("*.dcm")), stop_before_pixels=True)
     assert routed.SOPInstanceUID == first.SOPInstanceUID
     assert routed.file_meta.SendingPresentationAddress == "dicom://203.0.113.7:4242"
-    other = pydicom.dcmread(node.archived()[0], stop_before_pixels=True)
-    assert other.file_meta.SendingPresentationAddress == "dicom://198.51.100.9:5151"
+    senders = {
+        pydicom.dcmread(p, stop_before_pixels=True).file_meta.SendingPresentationAddress
+        for p in node.archived()
+    }
+    assert {s.rsplit(":", 1)[0] for s in senders} == {"dicom://198.51.100.9", "dicom://127.0.0.4"}
+    assert "dicom://198.51.100.9:5151" in senders
     log = node.log_text()
     assert "RAWSCU at 203.0.113.7:4242" in log and "RAWSCU at 198.51.100.9:5151" in log
+    assert re.search(r"RAWSCU at 127\.0\.0\.4:\d+", log)
 
     # LOCAL (a health check): the connection goes on with its real address; one that
     # closes right after its header leaves no warning.
@@ -648,34 +656,37 @@ def test_sigterm_drains_a_node_behind_haproxy_without_refusing_anyone(
 
 
 def test_storage_commitment_from_two_nodes_to_one_orthanc(nodes, tmp_path: Path) -> None:
+    """The cluster layout of docs/cluster.md: one AE title for the modalities, each node
+    its own calling AE title towards the PACS, which calls it back on the node's own
+    address (a `direct` caller: no PROXY header), not through the balancer."""
     from tests.orthanc import start_orthanc
 
     ports = {"NODE-A": free_port(), "NODE-B": free_port()}
     modalities = {title.lower(): [title, "127.0.0.1", port] for title, port in ports.items()}
     orthanc = start_orthanc(tmp_path / "orthanc", extra={"DicomModalities": modalities})
     try:
-        pacs = dicom_destination(
-            "pacs", orthanc.dicom_port, orthanc.aet, "storage_commitment: true"
-        )
         started = [
             start_node(
                 nodes,
                 title.lower(),
-                "",
+                "proxy_protocol: {trusted: [127.0.0.5], direct: [127.0.0.1]}",
                 port=port,
-                ae_title=title,
                 rules="""
   - name: to-the-pacs
     send_to: [pacs]
 """,
-                extra_destinations=pacs,
+                extra_destinations=dicom_destination(
+                    "pacs",
+                    orthanc.dicom_port,
+                    orthanc.aet,
+                    f"storage_commitment: true\n  calling_ae_title: {title}",
+                ),
             )
             for title, port in ports.items()
         ]
         sources = small_cts(6, seed=50)
-        for i, (node, title) in enumerate(zip(started, ports, strict=True)):
-            files = write_all(sources[i * 3 : i * 3 + 3], tmp_path / f"send{i}")
-            storescu(node.port, files, called=title)
+        for i, node in enumerate(started):
+            storescu(node.port, write_all(sources[i * 3 : i * 3 + 3], tmp_path / f"send{i}"))
         for node in started:
             node.wait_until(
                 lambda n=node: not outbox_files(n.spool, "pacs"), 60, "the outbox emptied"
