@@ -27,7 +27,7 @@ from proxyprotocol import (
     ProxyProtocolSyntaxError,
 )
 from proxyprotocol.detect import ProxyProtocolDetect
-from proxyprotocol.result import ProxyResult, ProxyResultType
+from proxyprotocol.result import ProxyResult, ProxyResultType, is_ipv4, is_ipv6
 
 # PROXY protocol v1: "a 108-byte buffer is always enough to store all the line and a
 # trailing zero", so a line is at most 107 bytes with its CRLF.
@@ -140,9 +140,10 @@ def _line(sock: socket.socket, limit: int) -> bytes:
 def _header(result: ProxyResult, peer: tuple[str, int]) -> Header:
     if result.type in (ProxyResultType.LOCAL, ProxyResultType.UNKNOWN) or not result.proxied:
         return Header(Kind.LOCAL, (peer[0], peer[1]))
-    if result.type not in (ProxyResultType.IPv4, ProxyResultType.IPv6):
+    if not (is_ipv4(result) or is_ipv6(result)):
         raise HeaderError(f"PROXY header for an unsupported family ({result.type.name})")
-    host, port = str(result.peername[0]), int(result.peername[1])
+    source_ip, port = result.source[0], int(result.source[1])
+    host = str(source_ip)
     ip = ipaddress.ip_address(host)
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         host = str(ip.ipv4_mapped)  # so that IPv4 networks in allow and rules match

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pynetdicom
 import pynetdicom.acse
@@ -116,7 +116,7 @@ class NoDelayAssociationServer(ThreadedAssociationServer):
     door: Door | None = None
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
-        client, address = self.socket.accept()
+        client, address = cast(socket.socket, self.socket).accept()
         client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return client, address
 
@@ -134,7 +134,7 @@ class NoDelayAssociationServer(ThreadedAssociationServer):
         settings = door.proxy_protocol() if door is not None else None
         address: tuple[str, int] | None = (peer[0], peer[1])
         if settings is not None and door is not None:
-            address = self._client_address(sock, address, settings, door, timeout)
+            address = self._client_address(sock, (peer[0], peer[1]), settings, door, timeout)
         if address is None:
             return None
         if self.ssl_context is None:
@@ -464,7 +464,8 @@ def _prepare_connection(
     """
     _shorter_dul_poll(event)
     if isinstance(getattr(event, "address", None), BalancerAddress):
-        event.assoc._dicom_node_health_check = True
+        # Read by is_health_check; pynetdicom's Association has no place for our marks.
+        event.assoc._dicom_node_health_check = True  # type: ignore[attr-defined]
     protect_acceptor(event.assoc, reactor_errors)
     dataphase.hold_at_established(event.assoc, acse_timeout() or 30.0)
 

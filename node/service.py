@@ -10,6 +10,7 @@ import time
 from dataclasses import replace
 from http.server import ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 from pydicom.dataset import Dataset
 from pynetdicom import AE
@@ -106,7 +107,7 @@ class Node:
         )
 
     def _listen(
-        self, host: str, port: int, tls: ssl.SSLContext | None, evt_handlers: list, door: Door
+        self, host: str, port: int, tls: ssl.SSLContext | None, evt_handlers: list[Any], door: Door
     ) -> None:
         assert self._ae is not None
         try:
@@ -119,6 +120,7 @@ class Node:
         except OSError as exc:
             self.stop()
             raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+        assert isinstance(server, NoDelayAssociationServer)
         server.door = door
         self._servers.append(server)
         threading.Thread(target=server.serve_forever, name=f"acceptor-{port}", daemon=True).start()

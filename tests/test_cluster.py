@@ -411,8 +411,18 @@ def test_proxy_port_takes_v1_v2_and_local_and_closes_the_rest(nodes, tmp_path: P
         reply = rawscu.read_pdu(sock)
         assert reply is not None and reply[0] == rawscu.A_ASSOCIATE_AC
         rawscu.Association(sock, {}).close()
+    with connect(node.port) as sock:  # v1's form of the same
+        sock.sendall(b"PROXY UNKNOWN\r\n")
+        assert store_one(sock, small_cts(1, seed=7)[0]) == 0x0000
     time.sleep(0.3)
     assert node.log_text().count("WARNING") == before, node.log_text()
+    # ... as the balancer's own connection: its real address (logged at DEBUG only).
+    node.wait_until(lambda: len(node.archived()) == 3, 30, "the UNKNOWN one archived")
+    addresses = [
+        pydicom.dcmread(p, stop_before_pixels=True).file_meta.SendingPresentationAddress
+        for p in node.archived()
+    ]
+    assert sum(a.startswith("dicom://127.0.0.1:") for a in addresses) == 1
     assert node.proc.poll() is None
 
 
@@ -448,7 +458,13 @@ def test_proxy_header_comes_before_tls(nodes, tmp_path: Path) -> None:
 def test_healthz_ignores_early_resets_and_follows_dicom_node_drain(nodes, tmp_path: Path) -> None:
     metrics = free_port()
     node = start_node(
-        nodes, "n", f"metrics: {{host: 127.0.0.1, port: {metrics}}}\ndrain_seconds: 1s"
+        nodes,
+        "n",
+        f"""
+        metrics: {{host: 127.0.0.1, port: {metrics}}}
+        drain_seconds: 1s
+        proxy_protocol: {{trusted: [127.0.0.6], direct: [127.0.0.1]}}
+        """,
     )
     wait_for_port(metrics)
     for request in (b"", b"GET /hea", b"GET /healthz HTTP/1.0\r\n\r\n") * 3:
@@ -468,8 +484,10 @@ def test_healthz_ignores_early_resets_and_follows_dicom_node_drain(nodes, tmp_pa
     assert f"node {node.proc.pid}" in drain()
     node.wait_until(lambda: get(metrics, "/healthz") == (503, "draining\n"), 10, "503")
     assert store_one_direct(node.port)  # draining, the node still serves associations
+    assert not balancer_check_accepted(node.port)  # but fails a DICOM-level check
     drain("--cancel")
     node.wait_until(lambda: get(metrics, "/healthz") == (200, "ok\n"), 10, "ok again")
+    assert balancer_check_accepted(node.port)
     # One spool, one node: a second one on the same spool does not start.
     second = subprocess.run(
         [sys.executable, "-m", "node.cli", "run", "--config", str(node.config)],
@@ -491,9 +509,56 @@ def test_healthz_ignores_early_resets_and_follows_dicom_node_drain(nodes, tmp_pa
     assert no_node.returncode != 0 and "no node runs on spool" in no_node.stderr
 
 
+def balancer_check_accepted(port: int) -> bool:
+    """A DICOM-level health check from a balancer (PROXY LOCAL, then an A-ASSOCIATE-RQ)."""
+    with connect(port, source="127.0.0.6") as sock:
+        sock.sendall(ProxyProtocolV2().pack(ProxyResultLocal()))
+        sock.sendall(rawscu.associate_rq(contexts=[(1, rawscu.VERIFICATION, EXPLICIT_LE)]))
+        reply = rawscu.read_pdu(sock)
+        if reply is not None:
+            rawscu.Association(sock, {}).close()
+        return reply is not None and reply[0] == rawscu.A_ASSOCIATE_AC
+
+
 def store_one_direct(port: int) -> bool:
     with connect(port) as sock:
         return store_one(sock, small_cts(1, seed=99)[0]) == 0x0000
+
+
+@pytest.mark.parametrize(
+    ("section", "message"),
+    [
+        ("{trusted: [10.0.0.0/8, nonsense]}", "node.proxy_protocol.trusted[1]: 'nonsense' is not"),
+        ("{trusted: []}", "node.proxy_protocol.trusted: required"),
+        ("{direct: [10.0.0.1]}", "node.proxy_protocol.trusted: required"),
+        ("{trusted: [10.0.0.1], port: 1}", "node.proxy_protocol.port: unknown key"),
+        ("{trusted: [10.0.0.0/8], direct: [10.1.2.3]}", "node.proxy_protocol.direct[0]: 10.1"),
+        ("{trusted: [10.0.0.1], direct: 10.0.0.2}", "node.proxy_protocol.direct: expected a list"),
+    ],
+)
+def test_proxy_protocol_config_errors_name_their_place(section: str, message: str) -> None:
+    from node.config import parse_config
+    from node.errors import ConfigError
+
+    text = f"node: {{proxy_protocol: {section}}}\n" + (
+        "destinations: {a: {type: folder, path: /x}}\nrules: [{send_to: [a]}]\n"
+    )
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        parse_config(text, Path("/"))
+
+
+def test_drain_seconds_default_follows_what_can_watch_the_node() -> None:
+    from node.config import parse_config
+
+    def window(node: str) -> float:
+        text = f"node: {node}\ndestinations: {{a: {{type: folder, path: /x}}}}\n"
+        return parse_config(text + "rules: [{send_to: [a]}]\n", Path("/")).node.drain_window
+
+    assert window("{}") == 0.0
+    assert window("{metrics: {port: 9464}}") == 10.0
+    assert window("{proxy_protocol: {trusted: [10.0.0.1]}}") == 10.0
+    assert window("{metrics: {port: 9464}, drain_seconds: 0}") == 0.0
+    assert window("{drain_seconds: 2m}") == 120.0
 
 
 # ----------------------------------------------------------------------------- behind HAProxy
