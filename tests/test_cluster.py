@@ -682,7 +682,7 @@ def test_sigterm_drains_a_node_behind_haproxy_without_refusing_anyone(
     nodes, balancers, tmp_path: Path
 ) -> None:
     """HAProxy here does not retry refused connections: only the drain keeps them away."""
-    pairs = two_proxied_nodes(nodes, "drain_seconds: 3s")
+    pairs = two_proxied_nodes(nodes, "drain_seconds: 5s")
     (a, a_metrics), (b, _) = pairs
     balancer = start_balancer(
         tmp_path / "lb",
