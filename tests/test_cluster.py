@@ -761,14 +761,19 @@ def test_storage_commitment_from_two_nodes_to_one_orthanc(nodes, tmp_path: Path)
         sources = small_cts(6, seed=50)
         for i, node in enumerate(started):
             storescu(node.port, write_all(sources[i * 3 : i * 3 + 3], tmp_path / f"send{i}"))
+
+        def committed(node: RunningNode) -> list[tuple[str, str]]:
+            return re.findall(r"(\d+) of (\d+) instance\(s\) committed", node.log_text())
+
         for node in started:
             node.wait_until(
-                lambda n=node: not outbox_files(n.spool, "pacs"), 60, "the outbox emptied"
+                lambda n=node: sum(int(a) for a, _ in committed(n)) >= 3, 90, "3 committed"
             )
+            node.wait_spool_empty()
+            node.wait_until(lambda n=node: not outbox_files(n.spool, "pacs"), 30, "no outbox")
             log = node.log_text()
-            committed = re.findall(r"(\d+) of (\d+) instance\(s\) committed", log)
-            assert sum(int(a) for a, _ in committed) == 3, log
-            assert all(a == b for a, b in committed)
+            assert sum(int(a) for a, _ in committed(node)) == 3, log
+            assert all(a == b for a, b in committed(node))
             # Each report reached the node that asked, on its own port.
             assert "unknown transaction" not in log and "ORTHANC at 127.0.0.1" in log
         assert {str(ds.SOPInstanceUID) for ds in sources} <= set(orthanc.sop_instance_uids())
