@@ -121,7 +121,11 @@ class NoDelayAssociationServer(ThreadedAssociationServer):
         return client, address
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
-        opened = self._open(request, client_address)
+        try:
+            opened = self._open(request, client_address)
+        except Exception:  # a bug here must cost one connection, not a silent thread death
+            log.exception("connection from %s:%s failed before DICOM", *client_address[:2])
+            opened = None
         if opened is None:
             self.shutdown_request(request)
             return
