@@ -86,6 +86,18 @@ def _parser() -> argparse.ArgumentParser:
     )
     echo.set_defaults(handler=_echo)
 
+    drain = commands.add_parser(
+        "drain",
+        help="make the running node leave its load balancer's pool: /healthz answers 503",
+    )
+    drain.add_argument(
+        "--config", metavar="PATH", help="the running node's config (finds it by its spool)"
+    )
+    drain.add_argument(
+        "--cancel", action="store_true", help="end a drain: /healthz answers ok again"
+    )
+    drain.set_defaults(handler=_drain)
+
     codecs = commands.add_parser(
         "codecs",
         help="list the transfer syntaxes this node can write, their encoders, speed and ratio",
@@ -112,6 +124,28 @@ def _run(args: argparse.Namespace) -> int:
     from node.service import run_until_signalled  # pynetdicom is slow to import
 
     run_until_signalled(config, args.config)
+    return 0
+
+
+def _drain(args: argparse.Namespace) -> int:
+    import os
+
+    from node.drain import DRAIN_SIGNAL, UNDRAIN_SIGNAL, running_node
+    from node.errors import StartupError
+
+    config = load_config(args.config)
+    spool = config.node.spool
+    pid = running_node(spool)
+    if pid is None:
+        raise StartupError(f"no node runs on spool {spool} (no process holds its lock)")
+    os.kill(pid, UNDRAIN_SIGNAL if args.cancel else DRAIN_SIGNAL)
+    if args.cancel:
+        print(f"node {pid} (spool {spool}): drain cancelled, /healthz answers ok")
+    else:
+        print(
+            f"node {pid} (spool {spool}): draining; /healthz answers 503 and the node still "
+            "serves associations; stop it (SIGTERM) or run `dicom-node drain --cancel`"
+        )
     return 0
 
 

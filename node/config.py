@@ -61,6 +61,8 @@ from node.schema import (
     yaml_keys,
 )
 
+DEFAULT_DRAIN_SECONDS = 10.0
+
 __all__ = [
     "ClientTls",
     "Config",
@@ -135,6 +137,19 @@ class MetricsSettings:
 
 
 @dataclass(frozen=True)
+class ProxyProtocolSettings:
+    """PROXY protocol (v1 and v2) on the DICOM and TLS ports, behind a load balancer.
+
+    A connection from a ``trusted`` network (the balancers) must begin with a PROXY
+    header; one from a ``direct`` network (a PACS that calls back with Storage
+    Commitment reports) must not, and keeps its own address; any other is refused.
+    """
+
+    trusted: tuple[IPNetwork, ...]
+    direct: tuple[IPNetwork, ...] = ()
+
+
+@dataclass(frozen=True)
 class NodeSettings:
     ae_title: str = field(default="DICOM-NODE", metadata=RESTART)
     host: str = field(default="0.0.0.0", metadata=RESTART)
@@ -157,10 +172,21 @@ class NodeSettings:
     network_timeout: float = 60.0
     min_free_space: int = 64 * 1024 * 1024  # bytes the spool keeps free; below it: A700
     max_dataset_size: int = 2 * 1024**3  # a larger data set aborts its association
+    proxy_protocol: ProxyProtocolSettings | None = None
+    # Seconds /healthz answers 503 after SIGTERM before the listeners close; None: 10 s
+    # when a load balancer can watch (metrics or proxy_protocol set), else 0.
+    drain_seconds: float | None = None
 
     @property
     def worker_count(self) -> int:
         return self.workers or (os.cpu_count() or 1)
+
+    @property
+    def drain_window(self) -> float:
+        if self.drain_seconds is not None:
+            return self.drain_seconds
+        watched = self.metrics is not None or self.proxy_protocol is not None
+        return DEFAULT_DRAIN_SECONDS if watched else 0.0
 
     @property
     def receiver_count(self) -> int:
@@ -274,6 +300,12 @@ def _parse_node(raw: Any, base_dir: Path) -> NodeSettings:
         spool=as_path(raw.get("spool", str(d.spool)), f"{where}.spool", base_dir),
         workers=workers,
         receivers=receivers,
+        proxy_protocol=_parse_proxy_protocol(raw["proxy_protocol"], f"{where}.proxy_protocol")
+        if "proxy_protocol" in raw
+        else None,
+        drain_seconds=None
+        if raw.get("drain_seconds") is None
+        else _drain_seconds(raw["drain_seconds"], f"{where}.drain_seconds"),
         max_pdu=as_int(raw.get("max_pdu", d.max_pdu), f"{where}.max_pdu", minimum=4096),
         max_associations=as_int(
             raw.get("max_associations", d.max_associations),
@@ -282,6 +314,44 @@ def _parse_node(raw: Any, base_dir: Path) -> NodeSettings:
         ),
         log_level=log_level,
     )
+
+
+def _parse_proxy_protocol(raw: Any, where: str) -> ProxyProtocolSettings:
+    expect_mapping(raw, where)
+    reject_unknown(raw, where, yaml_keys(ProxyProtocolSettings))
+    if not isinstance(raw.get("trusted"), list) or not raw["trusted"]:
+        raise ConfigError(
+            f"{where}.trusted: required: a non-empty list of the load balancers' addresses "
+            "or CIDR networks"
+        )
+    trusted = _network_list(raw["trusted"], f"{where}.trusted")
+    direct = _network_list(raw.get("direct") or [], f"{where}.direct")
+    for i, net in enumerate(direct):
+        for j, other in enumerate(trusted):
+            if net.overlaps(other):
+                raise ConfigError(
+                    f"{where}.direct[{i}]: {net} overlaps {where}.trusted[{j}] ({other}); "
+                    "a caller either sends a PROXY header or does not"
+                )
+    return ProxyProtocolSettings(trusted=trusted, direct=direct)
+
+
+def _network_list(raw: Any, where: str) -> tuple[IPNetwork, ...]:
+    if not isinstance(raw, list):
+        raise ConfigError(f"{where}: expected a list of IP addresses or CIDR networks")
+    networks = []
+    for i, value in enumerate(raw):
+        if isinstance(value, dict | list) or value is None:
+            raise ConfigError(f"{where}[{i}]: expected an IP address or CIDR network")
+        networks.append(as_network(str(value), f"{where}[{i}]"))
+    return tuple(networks)
+
+
+def _drain_seconds(value: Any, where: str) -> float:
+    """A duration, or 0 for no drain window."""
+    if value == 0 and not isinstance(value, bool):
+        return 0.0
+    return as_duration(value, where)
 
 
 def _parse_allow(raw: Any, where: str) -> tuple[AllowEntry, ...]:

@@ -7,6 +7,7 @@ several nodes in one process.
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -20,6 +21,8 @@ from node.outcome import Outcome, Status
 
 log = logging.getLogger("dicom_node.metrics")
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+# A client silent this long (a half-open health check) is dropped.
+REQUEST_TIMEOUT = 10.0
 
 
 class _Depths(Collector):
@@ -127,19 +130,47 @@ class Metrics:
         return generate_latest(self.registry)
 
 
-def start_metrics(settings: MetricsSettings, metrics: Metrics) -> ThreadingHTTPServer:
-    """Serve ``/metrics`` and ``/healthz`` in a daemon thread."""
+class _QuietServer(ThreadingHTTPServer):
+    """A client that hangs up early is routine, not an error.
+
+    Load balancers' health checks often reset the connection as soon as they have
+    the status line (HAProxy does), or before: http.server would print a traceback
+    for each on stderr.
+    """
+
+    daemon_threads = True
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        error = sys.exc_info()[1]
+        if isinstance(error, ConnectionError | TimeoutError):
+            log.debug("metrics client %s hung up early: %s", client_address, error)
+            return
+        log.exception("metrics request from %s failed", client_address)
+
+
+def start_metrics(
+    settings: MetricsSettings, metrics: Metrics, draining: Callable[[], bool] = lambda: False
+) -> ThreadingHTTPServer:
+    """Serve ``/metrics`` and ``/healthz`` in a daemon thread.
+
+    ``/healthz`` answers 200 ``ok``, or 503 ``draining`` while the node drains, so
+    that a load balancer stops sending it new associations.
+    """
 
     class Handler(BaseHTTPRequestHandler):
+        timeout = REQUEST_TIMEOUT
+
         def do_GET(self) -> None:  # noqa: N802 - the name http.server calls
+            status = 200
             if self.path == "/metrics":
                 body, kind = metrics.exposition(), CONTENT_TYPE
             elif self.path == "/healthz":
-                body, kind = b"ok\n", "text/plain"
+                status, body = (503, b"draining\n") if draining() else (200, b"ok\n")
+                kind = "text/plain"
             else:
                 self.send_error(404)
                 return
-            self.send_response(200)
+            self.send_response(status)
             self.send_header("Content-Type", kind)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
@@ -148,8 +179,7 @@ def start_metrics(settings: MetricsSettings, metrics: Metrics) -> ThreadingHTTPS
         def log_message(self, format: str, *args: object) -> None:
             pass  # scrapes every few seconds would drown the log
 
-    server = ThreadingHTTPServer((settings.host, settings.port), Handler)
-    server.daemon_threads = True
+    server = _QuietServer((settings.host, settings.port), Handler)
     threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
     log.info("metrics on http://%s:%s/metrics", settings.host, settings.port)
     return server

@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
@@ -31,11 +31,11 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 from pynetdicom.transport import ThreadedAssociationServer
 
-from node import dataphase
+from node import dataphase, proxy
 from node.admission import (
     dataset_refusal,
 )
-from node.config import NodeSettings, TlsSettings
+from node.config import NodeSettings, ProxyProtocolSettings, TlsSettings
 from node.dataphase import StoreTarget
 from node.errors import StartupError
 from node.pynetdicom_private import (
@@ -85,17 +85,109 @@ Submit = Callable[[Path], None]
 CommitmentReport = Callable[[int, Dataset | None], int]
 
 
-class NoDelayAssociationServer(ThreadedAssociationServer):
-    """pynetdicom's threaded server with Nagle's algorithm off on every accepted socket.
+class BalancerAddress(tuple[str, int]):
+    """The (host, port) of a connection the balancer opened for itself (PROXY LOCAL):
+    its health checks, whose associations are logged at DEBUG only."""
 
-    With Nagle on, each C-STORE round trip can stall waiting for a delayed ACK
-    (docs/decisions.md#d15).
+
+def is_health_check(assoc: Any) -> bool:
+    return bool(getattr(assoc, "_dicom_node_health_check", False))
+
+
+@dataclass(frozen=True)
+class Door:
+    """What a listener checks on each accepted connection before pynetdicom sees it.
+
+    Callables, so that a reload's new settings apply to the next connection.
     """
 
+    proxy_protocol: Callable[[], ProxyProtocolSettings | None]
+    draining: Callable[[], bool]
+    handshake_timeout: Callable[[], float]
+
+
+class NoDelayAssociationServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server with Nagle's algorithm off on every accepted socket,
+    and the PROXY header and TLS handshake done in the connection's own thread.
+
+    With Nagle on, each C-STORE round trip can stall waiting for a delayed ACK
+    (docs/decisions.md#d15). pynetdicom wraps TLS in its accept loop, where one client that never completes
+    its handshake holds up every other; here the accept loop only accepts, and the
+    connection's thread reads the PROXY header (before TLS: the balancer sends it in
+    the clear) and then shakes hands, each within a timeout. The address pynetdicom
+    then gets as ``client_address`` is the association's requestor address, which
+    the allow-list, the rules, the logs and the spool use.
+    """
+
+    door: Door | None = None
+
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
-        client, address = super().get_request()
+        client, address = cast(socket.socket, self.socket).accept()
         client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return client, address
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            opened = self._open(request, client_address)
+        except Exception:  # a bug here must cost one connection, not a silent thread death
+            log.exception("connection from %s:%s failed before DICOM", *client_address[:2])
+            opened = None
+        if opened is None:
+            self.shutdown_request(request)
+            return
+        super().process_request_thread(*opened)
+
+    def _open(self, sock: socket.socket, peer: tuple[str, int]) -> tuple[Any, Any] | None:
+        """The socket to hand pynetdicom and the client's address, or None to close."""
+        door = self.door
+        timeout = door.handshake_timeout() if door is not None else 30.0
+        settings = door.proxy_protocol() if door is not None else None
+        address: tuple[str, int] | None = (peer[0], peer[1])
+        if settings is not None and door is not None:
+            address = self._client_address(sock, (peer[0], peer[1]), settings, door, timeout)
+        if address is None:
+            return None
+        if self.ssl_context is None:
+            return sock, address
+        try:
+            sock.settimeout(timeout)
+            tls = self.ssl_context.wrap_socket(sock, server_side=True)
+            tls.settimeout(None)
+        except (OSError, ValueError) as exc:
+            log.info("TLS handshake with %s:%s failed: %s", address[0], address[1], exc)
+            return None
+        return tls, address
+
+    @staticmethod
+    def _client_address(
+        sock: socket.socket,
+        peer: tuple[str, int],
+        settings: ProxyProtocolSettings,
+        door: Door,
+        timeout: float,
+    ) -> tuple[str, int] | None:
+        """The caller's address under node.proxy_protocol, or None to close."""
+        if proxy.trusted(peer[0], settings.direct):
+            return peer
+        if not proxy.trusted(peer[0], settings.trusted):
+            log.warning(
+                "connection from %s:%s refused: not in node.proxy_protocol.trusted nor .direct",
+                *peer,
+            )
+            return None
+        try:
+            header = proxy.read_header(sock, peer, min(timeout, proxy.HEADER_TIMEOUT))
+        except proxy.HeaderError as exc:
+            level = logging.DEBUG if exc.silent else logging.WARNING
+            log.log(level, "connection from %s:%s closed: %s", *peer, exc)
+            return None
+        if header.kind is proxy.Kind.PROXIED:
+            return header.address
+        if door.draining():
+            # The balancer's own check (a DICOM-level tcp-check): fail it while draining.
+            log.debug("draining: health check connection from %s:%s closed", *peer)
+            return None
+        return BalancerAddress(header.address)
 
     def shutdown(self) -> None:
         """Stop accepting and close the listening socket; associations go on.
@@ -236,7 +328,8 @@ class AssociationLog:
         if traffic is None:
             return
         requestor = event.assoc.requestor
-        log.info(
+        log.log(
+            logging.DEBUG if is_health_check(event.assoc) else logging.INFO,
             "association %s: %s at %s:%s -> %s, %d instance(s) stored, %d refused, %d bytes, %.2fs",
             how,
             requestor.ae_title,
@@ -391,6 +484,9 @@ def _prepare_connection(
     protocol before negotiating, or closes, releases its threads at once.
     """
     _shorter_dul_poll(event)
+    if isinstance(getattr(event, "address", None), BalancerAddress):
+        # Read by is_health_check; pynetdicom's Association has no place for our marks.
+        event.assoc._dicom_node_health_check = True  # type: ignore[attr-defined]
     protect_acceptor(event.assoc, reactor_errors)
     dataphase.hold_at_established(event.assoc, acse_timeout() or 30.0)
 

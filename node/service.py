@@ -20,12 +20,14 @@ from pynetdicom.association import Association
 from node.config import RESTART_ONLY, Config, load_config
 from node.destinations import Runner
 from node.destinations.commitment import INVALID_ARGUMENT, transaction_uid
+from node.drain import DRAIN_SIGNAL, UNDRAIN_SIGNAL, DrainState
 from node.errors import ConfigError, StartupError
 from node.metrics import Metrics, start_metrics
 from node.outcome import Outcome
 from node.pipeline import Pipeline
 from node.receivers import ReceiverPool
 from node.scp import (
+    Door,
     Gatekeeper,
     NoDelayAssociationServer,
     build_ae,
@@ -39,8 +41,9 @@ from node.systemd import Notifier
 
 log = logging.getLogger("dicom_node")
 
-# How long SIGTERM waits for associations in progress before aborting them.
-DRAIN_SECONDS = 30.0
+# How long a stop waits for associations in progress (after the listeners closed)
+# before aborting them.
+FINISH_SECONDS = 30.0
 
 
 class Node:
@@ -59,6 +62,7 @@ class Node:
         self._gatekeeper: Gatekeeper | None = None
         self._servers: list[NoDelayAssociationServer] = []
         self._receivers: ReceiverPool | None = None
+        self.drain = DrainState()
 
     def start(self) -> None:
         self.spool_lock.acquire()  # before create(), which removes partial writes
@@ -69,7 +73,9 @@ class Node:
             log.info("recovered %d instance(s) left in the spool by an earlier run", left_over)
         if self.config.node.metrics is not None:
             try:
-                self.metrics_server = start_metrics(self.config.node.metrics, self.metrics)
+                self.metrics_server = start_metrics(
+                    self.config.node.metrics, self.metrics, self.drain.is_draining
+                )
             except OSError as exc:
                 self.pipeline.stop()
                 m = self.config.node.metrics
@@ -95,8 +101,14 @@ class Node:
             listeners.append((settings.port, None))
         if settings.tls is not None:
             listeners.append((settings.tls.port, server_tls_context(settings.tls)))
+        gatekeeper = self._gatekeeper
+        door = Door(
+            proxy_protocol=lambda: gatekeeper.settings.proxy_protocol,
+            draining=self.drain.is_draining,
+            handshake_timeout=lambda: gatekeeper.settings.acse_timeout,
+        )
         for port, tls in listeners:
-            self._listen(settings.host, port, tls, evt_handlers)
+            self._listen(settings.host, port, tls, evt_handlers, door)
         log.info(
             "ready: AE title %s listening on %s (spool %s, %d workers)",
             settings.ae_title,
@@ -136,7 +148,7 @@ class Node:
         )
 
     def _listen(
-        self, host: str, port: int, tls: ssl.SSLContext | None, evt_handlers: list[Any]
+        self, host: str, port: int, tls: ssl.SSLContext | None, evt_handlers: list[Any], door: Door
     ) -> None:
         assert self._ae is not None
         try:
@@ -151,6 +163,7 @@ class Node:
             raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
         # make_server builds the server_class given, typed as its base class.
         assert isinstance(server, NoDelayAssociationServer)
+        server.door = door
         self._servers.append(server)
         threading.Thread(target=server.serve_forever, name=f"acceptor-{port}", daemon=True).start()
 
@@ -198,7 +211,7 @@ class Node:
         """Stop accepting, let associations in progress finish, finish workers' jobs."""
         for server in self._servers:
             server.shutdown()
-        deadline = time.monotonic() + DRAIN_SECONDS
+        deadline = time.monotonic() + FINISH_SECONDS
         while self._busy_associations() and time.monotonic() < deadline:
             time.sleep(0.05)
         for server in self._servers:
@@ -252,7 +265,25 @@ class Node:
         return replace(config, node=replace(new, **{f: getattr(old, f) for f in RESTART_ONLY}))
 
     def status_line(self) -> str:
-        return f"{self.pipeline.backlog()} instance(s) waiting for workers"
+        waiting = f"{self.pipeline.backlog()} instance(s) waiting for workers"
+        if self.drain.is_draining():
+            return f"draining, {len(self._busy_associations())} association(s) in progress; " + (
+                waiting
+            )
+        return waiting
+
+    def start_draining(self, why: str) -> None:
+        if self.drain.start():
+            log.info(
+                "draining (%s): /healthz answers 503; the listeners close %gs from now if "
+                "the node stops",
+                why,
+                self.config.node.drain_window,
+            )
+
+    def stop_draining(self) -> None:
+        if self.drain.cancel():
+            log.info("drain cancelled: /healthz answers ok again")
 
 
 def _count(folder: Path) -> int:
@@ -269,15 +300,26 @@ def stop_all(runners: dict[str, Runner]) -> None:
 
 
 def run_until_signalled(config: Config, config_path: str | None) -> None:
-    """Run until SIGTERM/SIGINT; SIGHUP re-reads the config file."""
+    """Run until SIGTERM/SIGINT; SIGHUP re-reads the config file; SIGUSR1 drains,
+    SIGUSR2 ends a drain.
+
+    SIGTERM drains first: the listeners stay open for ``node.drain_window`` seconds
+    while ``/healthz`` answers 503, then close; SIGINT (Ctrl-C) stops at once.
+    """
     node = Node(config)
     notifier = Notifier()
     stopping = threading.Event()
+    hurry = threading.Event()
     reloads = threading.Event()
+    drains: list[int] = []  # signals to act on, in order (appended by the handlers)
     wake = threading.Event()
 
     def request_stop(signum: int, _frame: object) -> None:
-        log.info("received %s, shutting down", signal.Signals(signum).name)
+        if signum == signal.SIGTERM:
+            node.drain.start()  # /healthz says so from this moment
+        else:
+            hurry.set()
+        drains.append(signum)
         stopping.set()
         wake.set()
 
@@ -285,23 +327,67 @@ def run_until_signalled(config: Config, config_path: str | None) -> None:
         reloads.set()
         wake.set()
 
+    def request_drain(signum: int, _frame: object) -> None:
+        drains.append(signum)
+        wake.set()
+
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGHUP, request_reload)
-    node.start()
-    notifier.ready(node.status_line())
-    tick = min(5.0, notifier.watchdog_interval or 5.0)
-    while not stopping.is_set():
-        wake.wait(tick)
+    signal.signal(DRAIN_SIGNAL, request_drain)
+    signal.signal(UNDRAIN_SIGNAL, request_drain)
+    try:
+        node.start()
+        notifier.ready(node.status_line())
+        tick = min(5.0, notifier.watchdog_interval or 5.0)
+        while not stopping.is_set():
+            wake.wait(tick)
+            wake.clear()
+            _act_on_drain_signals(node, drains)
+            if stopping.is_set():
+                break
+            if reloads.is_set():
+                reloads.clear()
+                notifier.reloading()
+                node.reload(config_path)
+                notifier.ready(node.status_line())
+            notifier.watchdog()
+            notifier.status(node.status_line())
+        _act_on_drain_signals(node, drains)
+        notifier.stopping()
+        _wait_out_drain_window(node, notifier, hurry, wake, tick)
+        node.stop()
+    except BaseException:
+        node.spool_lock.release()  # stop() releases it on the way out; so does an error
+        raise
+
+
+def _act_on_drain_signals(node: Node, signals: list[int]) -> None:
+    while signals:
+        signum = signals.pop(0)
+        if signum == DRAIN_SIGNAL:
+            node.start_draining("dicom-node drain")
+        elif signum == UNDRAIN_SIGNAL:
+            node.stop_draining()
+        elif signum == signal.SIGTERM:
+            window = node.drain.remaining(node.config.node.drain_window)
+            log.info(
+                "received SIGTERM, shutting down: /healthz answers 503 (draining), the "
+                "listeners close in %.1fs, then associations in progress get up to %gs",
+                window,
+                FINISH_SECONDS,
+            )
+        else:
+            log.info("received %s, shutting down", signal.Signals(signum).name)
+
+
+def _wait_out_drain_window(
+    node: Node, notifier: Notifier, hurry: threading.Event, wake: threading.Event, tick: float
+) -> None:
+    """Keep serving until the drain window has passed (a second SIGINT cuts it short)."""
+    window = node.config.node.drain_window
+    while not hurry.is_set() and (left := node.drain.remaining(window)) > 0:
+        wake.wait(min(tick, left))
         wake.clear()
-        if stopping.is_set():
-            break
-        if reloads.is_set():
-            reloads.clear()
-            notifier.reloading()
-            node.reload(config_path)
-            notifier.ready(node.status_line())
         notifier.watchdog()
         notifier.status(node.status_line())
-    notifier.stopping()
-    node.stop()

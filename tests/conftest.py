@@ -44,6 +44,13 @@ def guarded(assoc: Any) -> Any:
     return assoc
 
 
+def node_environment() -> dict[str, str]:
+    """The environment for a node process: this checkout's ``node`` package first, not
+    whichever one is installed (the process runs in a temp folder)."""
+    path = os.environ.get("PYTHONPATH")
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), path]))}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -189,6 +196,7 @@ class NodeFactory:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 cwd=root,
+                env=node_environment(),
             )
         node = RunningNode(proc=proc, port=port, root=root, config=config, log=log)
         self.nodes.append(node)
