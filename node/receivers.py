@@ -48,6 +48,7 @@ from pynetdicom.events import Event
 from node.config import Config
 from node.errors import StartupError
 from node.scp import (
+    Door,
     Gatekeeper,
     NoDelayAssociationServer,
     build_ae,
@@ -104,6 +105,10 @@ class ReceiverPool:
     def established(self) -> int:
         with self._lock:
             return self._established
+
+    def draining(self, draining: bool) -> None:
+        for child in self._children:
+            child.send(("draining", draining))
 
     def reload(self, config: Config) -> None:
         self.config = config
@@ -361,6 +366,12 @@ def main() -> None:
         enable_any_storage_class()
         ae = build_ae(settings)
         gatekeeper = Gatekeeper(settings, established=link.established)
+        draining = threading.Event()
+        door = Door(
+            proxy_protocol=lambda: gatekeeper.settings.proxy_protocol,
+            draining=draining.is_set,
+            handshake_timeout=lambda: gatekeeper.settings.acse_timeout,
+        )
         watchers = [
             (evt.EVT_ACCEPTED, lambda event: link.send(("opened",))),
             (evt.EVT_RELEASED, lambda event: link.send(("closed",))),
@@ -387,6 +398,8 @@ def main() -> None:
                 ssl_context=tls,
                 server_class=ReusePortServer,
             )
+            assert isinstance(server, ReusePortServer)
+            server.door = door  # PROXY protocol, TLS handshake, draining: as in one process
             servers.append(server)
             threading.Thread(target=server.serve_forever, daemon=True).start()
     except Exception as exc:  # noqa: BLE001 - said to the main process, which says it
@@ -394,7 +407,7 @@ def main() -> None:
         return
     threading.Thread(target=link.read_forever, daemon=True).start()
     link.send(("ready",))
-    _serve(link, gatekeeper, servers)
+    _serve(link, gatekeeper, servers, draining)
 
 
 def _tag_log_lines(index: int) -> None:
@@ -408,7 +421,9 @@ def _tag_log_lines(index: int) -> None:
             )
 
 
-def _serve(link: ParentLink, gatekeeper: Any, servers: list[Any]) -> None:
+def _serve(
+    link: ParentLink, gatekeeper: Any, servers: list[Any], draining: threading.Event
+) -> None:
     while True:
         with link.control:
             while not link.inbox:
@@ -416,6 +431,8 @@ def _serve(link: ParentLink, gatekeeper: Any, servers: list[Any]) -> None:
             message = link.inbox.pop(0)
         if message[0] == "config":
             gatekeeper.settings = message[1].node  # the next association sees it
+        elif message[0] == "draining":
+            (draining.set if message[1] else draining.clear)()
         elif message[0] == "stop":
             _drain(servers)
             return

@@ -285,6 +285,11 @@ class Node:
         if self.drain.cancel():
             log.info("drain cancelled: /healthz answers ok again")
 
+    def tell_receivers_about_draining(self) -> None:
+        """Receiving processes close the balancer's DICOM-level checks while draining."""
+        if self._receivers is not None:
+            self._receivers.draining(self.drain.is_draining())
+
 
 def _count(folder: Path) -> int:
     return sum(1 for _ in folder.glob("*.dcm")) if folder.is_dir() else 0
@@ -363,6 +368,12 @@ def run_until_signalled(config: Config, config_path: str | None) -> None:
 
 
 def _act_on_drain_signals(node: Node, signals: list[int]) -> None:
+    if signals:
+        _act_on(node, signals)
+        node.tell_receivers_about_draining()
+
+
+def _act_on(node: Node, signals: list[int]) -> None:
     while signals:
         signum = signals.pop(0)
         if signum == DRAIN_SIGNAL:
