@@ -294,6 +294,7 @@ def test_every_node_setting_is_a_key_and_a_reload_keeps_the_restart_only_ones() 
         "port",
         "spool",
         "workers",
+        "receivers",
         "max_pdu",
         "tls",
         "metrics",

@@ -66,10 +66,10 @@ def log_of(tmp_path: Path) -> list[str]:
 def test_as_root_it_updates_then_installs_what_is_missing(tmp_path: Path) -> None:
     env = fake_system(tmp_path, uid=0, sudo=False)
     subprocess.run([str(SCRIPT), "--test"], env=env, check=True, capture_output=True)
-    update, install, stop = log_of(tmp_path)
+    update, install, *stops = log_of(tmp_path)
     assert update == "apt-get update -qq"
     assert install == "apt-get install -y -qq python3-venv " + " ".join(TEST_PACKAGES)
-    assert stop == "systemctl stop orthanc"
+    assert stops == ["systemctl stop orthanc", "systemctl stop haproxy"]
 
 
 def test_a_user_goes_through_sudo_and_without_sudo_is_told_why_not(tmp_path: Path) -> None:
