@@ -21,6 +21,9 @@ negotiating:
   second A-ASSOCIATE-RQ on one connection raises InvalidEventError) escapes the
   reactor thread: nothing answers the peer, and the association thread waits out
   the ACSE timeout. :func:`guard_state_machine` aborts such an association at once.
+- An exception while the association thread negotiates (found by the mutation
+  campaign: a presentation context without an abstract syntax) ends that thread the
+  same way; :func:`guard_negotiation` aborts instead.
 - A connection closed by its peer before it sends an A-ASSOCIATE-RQ (a port probe,
   a load balancer's TCP check) is noticed by the DUL thread, but the association
   thread still waits for the request for the whole ACSE timeout.
@@ -69,7 +72,29 @@ def protect_acceptor(assoc: Any, on_error: OnReactorError) -> None:
     """Install both guards on an association the node accepts (at EVT_CONN_OPEN)."""
     closed = threading.Event()
     guard_state_machine(assoc, on_error, closed)
+    guard_negotiation(assoc, on_error, closed)
     release_when_peer_gone(assoc, closed)
+
+
+def guard_negotiation(assoc: Any, on_error: OnReactorError, closed: threading.Event) -> None:
+    """Abort ``assoc`` and close its socket when negotiating its A-ASSOCIATE-RQ raises.
+
+    The association thread negotiates; an exception there (a presentation context
+    without an abstract syntax made pydicom's UID raise TypeError, found by the
+    campaign) ended the thread and left the connection and the DUL thread behind.
+    """
+    acse = assoc.acse
+    original = acse.negotiate_association
+
+    def negotiate_association() -> None:
+        try:
+            original()
+        except Exception as exc:  # any: the thread would die with the socket open
+            closed.set()
+            on_error(assoc, exc)
+            _abort_and_close(assoc, exc)
+
+    acse.negotiate_association = negotiate_association
 
 
 def guard_state_machine(assoc: Any, on_error: OnReactorError, closed: threading.Event) -> None:

@@ -297,6 +297,21 @@ def test_protocol_breaking_requests_and_probes_release_their_threads(nodes) -> N
         sock.sendall(rawscu.associate_rq() + rawscu.associate_rq())
         closed, got = _closed_within(sock, 1.0)
     assert closed, got[:10]
+
+    # A presentation context without its abstract syntax: the negotiation raises.
+    def item(kind: int, payload: bytes) -> bytes:
+        return struct.pack(">BBH", kind, 0, len(payload)) + payload
+
+    rq = bytearray(rawscu.associate_rq())
+    context = item(0x20, bytes([1, 0, 0, 0]) + item(0x40, b"1.2.840.10008.1.2.1"))
+    start = rq.index(b"\x20\x00", 74)
+    (length,) = struct.unpack_from(">H", rq, start + 2)
+    rq[start : start + 4 + length] = context
+    rq[2:6] = struct.pack(">L", len(rq) - 6)
+    with socket.create_connection(("127.0.0.1", node.port)) as sock:
+        sock.sendall(bytes(rq))
+        closed, got = _closed_within(sock, 1.0)
+    assert closed, got[:10]
     # 50 connect-and-close probes (a port scan, a load balancer's TCP check).
     for _ in range(50):
         socket.create_connection(("127.0.0.1", node.port)).close()
