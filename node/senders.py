@@ -1,4 +1,4 @@
-"""The sending process: every destination's runner, out of the receiving process.
+"""The sending process: the destinations' runners, out of the receiving process.
 
 The node's main process answers modalities (node/scp.py, node/dataphase.py) and feeds
 the workers; the runners that work the outboxes (C-STORE, STOW-RS, folder retries)
@@ -57,9 +57,9 @@ PR_SET_PDEATHSIG = 1  # from <sys/prctl.h>
 class SenderProcess:
     """The sending process, seen from the main process; restarted if it dies."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, names: list[str]) -> None:
         self.config = config
-        self.names = list(config.destinations)
+        self.names = names
         self._conn: Connection | None = None
         self._process: subprocess.Popen[bytes] | None = None
         self._send_lock = threading.Lock()
@@ -210,12 +210,19 @@ class RemoteRunner(Runner):
 
 
 def start_runners(config: Config, spool: Spool) -> dict[str, Runner]:
-    """The destinations' runners, started in a sending process of their own."""
-    if not config.destinations:
-        return {}
-    process = SenderProcess(config)
-    process.start()
-    return {name: RemoteRunner(process, name) for name in config.destinations}
+    """The destinations' runners: those that send, in a sending process of their own;
+    the others (folder retries) here."""
+    runners: dict[str, Runner] = {}
+    sending = [name for name, dest in config.destinations.items() if type_of(dest).sends]
+    for name, dest in config.destinations.items():
+        if name not in sending:
+            runners[name] = type_of(dest).runner(dest, spool)
+            runners[name].start()
+    if sending:
+        process = SenderProcess(config, sending)
+        process.start()
+        runners.update({name: RemoteRunner(process, name) for name in sending})
+    return runners
 
 
 def _exit_text(code: int | None) -> str:

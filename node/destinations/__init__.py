@@ -109,6 +109,10 @@ class DestinationType(ABC, Generic[S]):
 
     name: str  # the `type:` value
     settings: type[S]
+    # Its runner runs in the sending process (node/senders.py), away from the thread
+    # that answers C-STOREs. A type whose runner only retries local writes may stay in
+    # the main process, which then needs no sending process at all (about 80 MB).
+    sends: bool = True
 
     @abstractmethod
     def parse(self, name: str, body: dict[str, Any], where: str, context: ParseContext) -> S:

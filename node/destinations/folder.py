@@ -124,6 +124,7 @@ def deliver(dest: FolderDestination, ds: Dataset, encoded: Path) -> Path:
 
 class FolderType(DestinationType[FolderDestination]):
     name = "folder"
+    sends = False  # retries of local writes: no need for the sending process
     settings = FolderDestination
 
     def parse(
